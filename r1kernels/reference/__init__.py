@@ -1,0 +1,17 @@
+"""Pure-PyTorch references: one readable implementation per op, the spec that every kernel is tested against.
+
+They run on any device in fp32 (and in the input dtype where noted), have no dependency beyond torch, and
+favour clarity over speed. Tests and benchmarks import them from here; nobody copies them.
+"""
+from .activation import swiglu, swiglu_backward
+from .mla import mla_attention, mla_decode
+from .moe import moe_experts, moe_route
+from .norm import rms_norm, rms_norm_backward
+from .quant import fp8_block_dequant
+from .rope import apply_rope, rope_cos_sin, rope_inv_freq, yarn_get_mscale
+
+__all__ = [
+    "apply_rope", "fp8_block_dequant", "mla_attention", "mla_decode", "moe_experts", "moe_route",
+    "rms_norm", "rms_norm_backward", "rope_cos_sin", "rope_inv_freq", "swiglu", "swiglu_backward",
+    "yarn_get_mscale",
+]
