@@ -12,3 +12,8 @@ from ._dispatch import BACKENDS, BackendUnavailable, use_backend
 from ._info import info
 
 __all__ = ["BACKENDS", "BackendUnavailable", "__version__", "info", "ops", "reference", "use_backend"]
+
+from .config import ModelConfig  # noqa: E402
+from .model import Transformer, load_pretrained, save_pretrained  # noqa: E402
+
+__all__ += ["ModelConfig", "Transformer", "load_pretrained", "save_pretrained"]

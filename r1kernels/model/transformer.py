@@ -1,0 +1,135 @@
+"""The DeepSeek-V2 / V3 / R1 transformer, top to bottom.
+
+Letters: B batch, S sequence, D hidden, V vocabulary.
+
+    h = embed_tokens(input_ids)
+    for each layer:  h = h + MLA(norm(h));  h = h + (MoE or MLP)(norm(h))
+    logits = lm_head(norm(h))                                  (float32)
+    MTP depth k (optional): h_k = MTP_k(h_{k-1}[:, :-k], embed(input_ids[:, k:]))  -> logits of token i+k+1
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..nn import Block, LatentKVCache, MTPModule, RMSNorm, RotaryEmbedding
+
+
+class Transformer(nn.Module):
+    """A complete DeepSeek model. Build the full-size presets under ``torch.device("meta")``.
+
+    ``forward(input_ids [B, S]) -> logits [B, S, V]`` float32. Parameter names follow DeepSeek's
+    checkpoints without the ``model.`` prefix (``layers.3.self_attn.kv_b_proj.weight``), except the routed
+    experts, stacked as ``layers.i.mlp.experts.w13 [E, 2I, D]`` / ``w2 [E, D, I]``, and the MTP modules,
+    ``mtp.k.*`` (layer ``num_hidden_layers + k`` in checkpoints).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(MTPModule(config, k) for k in range(config.num_nextn_predict_layers))
+        self.rotary = RotaryEmbedding(config.qk_rope_head_dim, config.rope_theta, config.rope_kwargs)
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    # ------------------------------------------------------------------ parameters
+    def init_weights(self, std: float = 0.02) -> None:
+        """Normal(0, std) for matrices and embeddings, ones for norms, zeros for biases and the routing bias."""
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                    p.fill_(1.0)
+                elif name.endswith(".bias"):
+                    p.zero_()
+                else:
+                    p.normal_(0.0, std)
+        for name, buf in self.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.zero_()
+        self.rotary.reset_parameters()
+
+    def head_weight(self) -> torch.Tensor:
+        """``[V, D]``: the output projection (the embedding when tied)."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden ``[..., D]`` -> float32 logits ``[..., V]``."""
+        return nn.functional.linear(hidden, self.head_weight()).float()
+
+    def save_pretrained(self, path, **kwargs) -> None:
+        """Write a Hugging Face directory atomically (see ``r1kernels.model.checkpoint.save_pretrained``)."""
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, path, **kwargs)
+
+    # ------------------------------------------------------------------ forward passes
+    def new_cache(self, batch_size: int, max_seqlen: int, *, page_size: int = 64,
+                  dtype: Optional[torch.dtype] = None, with_mtp: bool = False) -> LatentKVCache:
+        """A latent cache for the main layers (and, with ``with_mtp``, one slot per MTP module after them)."""
+        cfg = self.config
+        n_layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if with_mtp else 0)
+        p = self.embed_tokens.weight
+        return LatentKVCache(n_layers, batch_size, max_seqlen, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+                             page_size=page_size, dtype=dtype or p.dtype, device=p.device)
+
+    def forward_hidden(self, input_ids: torch.Tensor, *, cache: Optional[LatentKVCache] = None,
+                       absorbed: bool = False) -> torch.Tensor:
+        """input_ids ``[B, S]`` -> final-normed hidden states ``[B, S, D]``.
+
+        ``cache``: the tokens continue the cached ones (absorbed MLA over the latent cache; the cache is
+        advanced by S). ``absorbed=True`` without a cache runs the absorbed formulation on a scratch cache
+        (used to check that both formulations agree); the default is the expanded formulation.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"Transformer: input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"Transformer: input_ids must be int32 / int64, got {input_ids.dtype}")
+        b, s = input_ids.shape
+        if absorbed and cache is None:
+            cache = self.new_cache(b, s, page_size=16)
+        h = self.embed_tokens(input_ids)  # [B, S, D]
+        if cache is not None:
+            cache.check_room(s)
+            positions = cache.positions(s)  # [B, S]
+        else:
+            positions = torch.arange(s, device=input_ids.device).expand(b, s)
+        cos, sin = self.rotary(positions)  # [B, S, R/2] each
+        for layer in self.layers:
+            h = layer(h, cos, sin, cache=cache)
+        if cache is not None:
+            cache.advance(s)
+        return self.norm(h)
+
+    def forward(self, input_ids: torch.Tensor, *, cache: Optional[LatentKVCache] = None,
+                absorbed: bool = False) -> torch.Tensor:
+        """input_ids ``[B, S]`` int -> logits ``[B, S, V]`` float32 (see :meth:`forward_hidden`)."""
+        return self.logits(self.forward_hidden(input_ids, cache=cache, absorbed=absorbed))
+
+    def mtp_forward(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        """Multi-token prediction over a training sequence.
+
+        Args:
+            hidden: ``[B, S, D]`` the main model's final-normed hidden states for ``input_ids``.
+            input_ids: ``[B, S]``.
+        Returns:
+            One float32 logits tensor per depth k = 1..n: ``[B, S - k, V]``, row i predicting token i + k + 1.
+        """
+        out = []
+        h = hidden
+        b, s = input_ids.shape
+        for k, module in enumerate(self.mtp, start=1):
+            n = s - k
+            if n <= 0:
+                break
+            positions = torch.arange(n, device=input_ids.device).expand(b, n)
+            cos, sin = self.rotary(positions)
+            h = module(h[:, :n], self.embed_tokens(input_ids[:, k:]), cos, sin)  # [B, S-k, D]
+            out.append(self.logits(module.shared_head(h)))
+        return out

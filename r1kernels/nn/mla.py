@@ -1,0 +1,138 @@
+"""Multi-head latent attention (DeepSeek-V2 section 2.1) and its paged latent cache.
+
+Letters: B batch, S new tokens, H heads, D hidden, L = kv_lora_rank (c_kv width), R = qk_rope_head_dim,
+C = L + R (a cached latent row), Dn = qk_nope_head_dim, Dqk = Dn + R, Dv = v_head_dim, N pages, P page size,
+M pages per request.
+
+Two formulations with the same result:
+* expanded (training, prefill): k_nope and v are materialised per head from c_kv through W_UK / W_UV
+  (the halves of ``kv_b_proj``), then packed varlen attention (``ops.mla_attention``);
+* absorbed (decode): W_UK is folded into the query (q_nope W_UK gives an L-wide query) and W_UV into the
+  output, so attention runs directly over the cached latent rows [c_kv, k_pe] as one shared head
+  (``ops.mla_decode``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..config import ModelConfig
+from .norm import RMSNorm
+
+# DeepSeek's latent norms (q_a_layernorm, kv_a_layernorm) use RMSNorm's default eps, not rms_norm_eps
+# (true of DeepSeek's reference code and of transformers).
+_LATENT_NORM_EPS = 1e-6
+
+
+class LatentKVCache:
+    """Paged cache of latent rows ``[c_kv, rope(k_pe)]`` for every layer.
+
+    Tensors:
+        kv: ``[num_layers, N, P, C]``; block_table: ``[B, M]`` int32 (page ids of each request);
+        seqlens: ``[B]`` int32, tokens committed per request.
+    A forward step over S new tokens writes their rows at positions ``seqlens + [0, S)`` in every layer,
+    attends with ``cache_seqlens = seqlens + S``, and then ``advance(S)`` commits them. Capacity is tracked
+    on the host (``capacity``, ``max_committed``) so that overflow is caught without a device sync.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, max_seqlen: int, width: int, *, page_size: int = 64,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        if page_size <= 0 or max_seqlen <= 0 or batch_size <= 0:
+            raise ValueError(f"LatentKVCache: page_size, max_seqlen and batch_size must be positive, got "
+                             f"{page_size}, {max_seqlen}, {batch_size}")
+        pages = math.ceil(max_seqlen / page_size)
+        self.page_size = page_size
+        self.capacity = pages * page_size
+        self.kv = torch.zeros(num_layers, batch_size * pages, page_size, width, dtype=dtype, device=device)
+        self.block_table = torch.arange(batch_size * pages, dtype=torch.int32, device=device).view(batch_size, pages)
+        self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self.max_committed = 0  # host-side upper bound of seqlens
+
+    def check_room(self, new_tokens: int) -> None:
+        if self.max_committed + new_tokens > self.capacity:
+            raise ValueError(f"LatentKVCache: {new_tokens} new tokens do not fit: {self.max_committed} cached, "
+                             f"capacity {self.capacity}")
+
+    def positions(self, new_tokens: int) -> torch.Tensor:
+        """``[B, S]`` absolute positions of the next ``new_tokens`` tokens of each request."""
+        return self.seqlens[:, None].long() + torch.arange(new_tokens, device=self.seqlens.device)
+
+    def write(self, layer: int, rows: torch.Tensor) -> None:
+        """Store ``rows [B, S, C]`` at positions ``seqlens + [0, S)`` of ``layer`` (not yet committed)."""
+        pos = self.positions(rows.shape[1])  # [B, S]
+        page = self.block_table.long().gather(1, pos // self.page_size)  # [B, S]
+        self.kv[layer, page, pos % self.page_size] = rows.to(self.kv.dtype)
+
+    def advance(self, new_tokens: int) -> None:
+        self.seqlens += new_tokens
+        self.max_committed += new_tokens
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention; parameter names follow DeepSeek's checkpoints."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, h = cfg.hidden_size, cfg.num_attention_heads
+        self.n_heads, self.q_lora_rank, self.kv_lora_rank = h, cfg.q_lora_rank, cfg.kv_lora_rank
+        self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.qk_head_dim = cfg.qk_head_dim
+        self.softmax_scale = cfg.softmax_scale
+        self.rope_interleave = cfg.rope_interleave
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(d, h * self.qk_head_dim, bias=False)  # W_Q
+        else:
+            self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=cfg.attention_bias)  # W_DQ
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, _LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * self.qk_head_dim, bias=False)  # W_UQ (+ W_QR)
+        self.kv_a_proj_with_mqa = nn.Linear(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=cfg.attention_bias)  # W_DKV, W_KR
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, _LATENT_NORM_EPS)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)  # W_UK, W_UV
+        self.o_proj = nn.Linear(h * cfg.v_head_dim, d, bias=cfg.attention_bias)
+
+    def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Queries and the latent of x ``[B, S, D]``: q_nope ``[B,S,H,Dn]``, q_pe ``[B,S,H,R]`` (rotated),
+        c_kv ``[B,S,L]`` (normalised), k_pe ``[B,S,1,R]`` (rotated)."""
+        b, s, _ = x.shape
+        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(b, s, self.n_heads, self.qk_head_dim)  # [B, S, H, Dqk]
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        kv = self.kv_a_proj_with_mqa(x)  # [B, S, L + R]
+        c_kv, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        q_pe = ops.apply_rope(q_pe, cos, sin, interleaved=self.rope_interleave)
+        k_pe = ops.apply_rope(k_pe.unsqueeze(2), cos, sin, interleaved=self.rope_interleave)  # [B, S, 1, R]
+        return q_nope, q_pe, c_kv, k_pe
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+                cache: Optional[LatentKVCache] = None, layer_idx: int = 0) -> torch.Tensor:
+        """x ``[B, S, D]``, cos/sin ``[B, S, R/2]`` -> ``[B, S, D]``.
+
+        Without a cache: the expanded form over the S tokens (causal). With a cache: the S tokens' latent
+        rows are written at the cache's next positions and the absorbed form attends over everything cached.
+        """
+        b, s, _ = x.shape
+        h, dn, dv, lr = self.n_heads, self.qk_nope_head_dim, self.v_head_dim, self.kv_lora_rank
+        q_nope, q_pe, c_kv, k_pe = self._project(x, cos, sin)
+        if cache is None:
+            kv = self.kv_b_proj(c_kv).view(b, s, h, dn + dv)  # [B, S, H, Dn + Dv]
+            k_nope, v = kv.split([dn, dv], dim=-1)
+            q = torch.cat([q_nope, q_pe], dim=-1)  # [B, S, H, Dqk]
+            k = torch.cat([k_nope, k_pe.expand(b, s, h, self.qk_rope_head_dim)], dim=-1)
+            cu = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=x.device)  # b equal-length sequences
+            o = ops.mla_attention(q.reshape(b * s, h, -1), k.reshape(b * s, h, -1), v.reshape(b * s, h, dv),
+                                  cu, s, softmax_scale=self.softmax_scale, causal=True)  # [B*S, H, Dv]
+            return self.o_proj(o.reshape(b, s, h * dv))
+        w = self.kv_b_proj.weight.view(h, dn + dv, lr)  # [H, Dn + Dv, L]
+        w_uk, w_uv = w[:, :dn], w[:, dn:]  # [H, Dn, L], [H, Dv, L]
+        q_lat = torch.einsum("bshn,hnl->bshl", q_nope, w_uk)  # [B, S, H, L]: W_UK absorbed into the query
+        q_full = torch.cat([q_lat, q_pe], dim=-1)  # [B, S, H, C]
+        cache.write(layer_idx, torch.cat([c_kv, k_pe.squeeze(2)], dim=-1))  # [B, S, C]
+        o_lat, _ = ops.mla_decode(q_full.to(cache.kv.dtype), cache.kv[layer_idx], cache.block_table,
+                                  cache.seqlens + s, softmax_scale=self.softmax_scale, causal=True, head_dim_v=lr)
+        o = torch.einsum("bshl,hvl->bshv", o_lat.to(x.dtype), w_uv)  # [B, S, H, Dv]: W_UV absorbed into the output
+        return self.o_proj(o.reshape(b, s, h * dv))

@@ -1,0 +1,89 @@
+"""Public MLA attention ops: packed varlen attention (training / prefill) and absorbed paged decode.
+
+Reference backend here; the MLA issue brings the Triton flash-attention and the sm_90 decode kernels
+behind the same signatures.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from .._dispatch import Impl, Op, always
+from ._validate import FLOAT_DTYPES, check_tensor
+
+
+def _attn_ref(q, k, v, cu_seqlens, max_seqlen, scale, causal, return_lse):
+    return reference.mla_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale=scale, causal=causal,
+                                   return_lse=return_lse)
+
+
+def _decode_ref(q, kv_cache, block_table, cache_seqlens, scale, causal, head_dim_v):
+    return reference.mla_decode(q, kv_cache, block_table, cache_seqlens, softmax_scale=scale, causal=causal,
+                                head_dim_v=head_dim_v)
+
+
+MLA_ATTENTION = Op("mla_attention", {"reference": Impl(_attn_ref, always)})
+MLA_DECODE = Op("mla_decode", {"reference": Impl(_decode_ref, always)})
+
+
+def mla_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    *,
+    softmax_scale: float,
+    causal: bool = True,
+    return_lse: bool = False,
+    backend: str = "auto",
+):
+    """Packed variable-length attention (the expanded MLA form).
+
+    Args:
+        q, k: ``[T, H, Dqk]``; v: ``[T, H, Dv]``; one float dtype, one device.
+        cu_seqlens: ``[B+1]`` int32, non-decreasing, ``cu_seqlens[0] == 0``, ``cu_seqlens[-1] == T``.
+        max_seqlen: the longest sequence length.
+        softmax_scale: multiplies q.k; causal: each token sees its sequence's tokens up to itself.
+    Returns:
+        ``out [T, H, Dv]`` in q's dtype, and with ``return_lse`` ``lse [H, T]`` fp32 (natural log).
+    """
+    check_tensor("mla_attention", "q", q, ndim=3, dtypes=FLOAT_DTYPES)
+    t, h, dqk = q.shape
+    check_tensor("mla_attention", "k", k, shape=(t, h, dqk), dtypes=(q.dtype,), device=q.device)
+    check_tensor("mla_attention", "v", v, shape=(t, h, None), dtypes=(q.dtype,), device=q.device)
+    check_tensor("mla_attention", "cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), device=q.device)
+    return MLA_ATTENTION(backend, q, k, v, cu_seqlens, int(max_seqlen), float(softmax_scale), bool(causal),
+                         bool(return_lse))
+
+
+def mla_decode(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    *,
+    softmax_scale: float,
+    causal: bool = True,
+    head_dim_v: int = 512,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absorbed MLA attention over the paged latent cache (semantics: ``r1kernels.reference.mla.mla_decode``).
+
+    Args:
+        q: ``[B, Sq, H, C]`` (C = kv_lora_rank + qk_rope_head_dim, 576 in V3).
+        kv_cache: ``[N, P, C]`` pages of latent rows, q's dtype.
+        block_table: ``[B, M]`` int32; cache_seqlens: ``[B]`` int32 (the Sq new tokens included).
+        head_dim_v: value width = the first ``head_dim_v`` columns of a cache row (kv_lora_rank).
+    Returns:
+        ``(out [B, Sq, H, head_dim_v] in q's dtype, lse [B, H, Sq] fp32)``.
+    """
+    check_tensor("mla_decode", "q", q, ndim=4, dtypes=FLOAT_DTYPES)
+    b, _, _, c = q.shape
+    check_tensor("mla_decode", "kv_cache", kv_cache, shape=(None, None, c), dtypes=(q.dtype,), device=q.device)
+    check_tensor("mla_decode", "block_table", block_table, shape=(b, None), dtypes=(torch.int32,), device=q.device)
+    check_tensor("mla_decode", "cache_seqlens", cache_seqlens, shape=(b,), dtypes=(torch.int32,), device=q.device)
+    if not 0 < head_dim_v <= c:
+        raise ValueError(f"r1kernels.ops.mla_decode: head_dim_v={head_dim_v} must be in (0, C={c}]")
+    return MLA_DECODE(backend, q, kv_cache, block_table, cache_seqlens, float(softmax_scale), bool(causal),
+                      int(head_dim_v))
