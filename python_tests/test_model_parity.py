@@ -103,3 +103,22 @@ def test_cache_overflow_is_an_error(tmp_path):
         ours(torch.zeros(1, 10, dtype=torch.long), cache=cache)
         with pytest.raises(ValueError, match="do not fit"):
             ours(torch.zeros(1, 7, dtype=torch.long), cache=cache)
+
+
+@pytest.mark.parametrize("rope", [YARN, YARN_V2, dict(YARN, mscale=None, mscale_all_dim=None), None])
+def test_rope_tables_match_transformers(rope):
+    """Our YaRN inverse frequencies and attention factor against transformers' rope initialisation."""
+    from transformers import DeepseekV3Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    kw = {} if rope is None else {"rope_scaling": {k: v for k, v in rope.items() if v is not None}}
+    hf_cfg = DeepseekV3Config(qk_rope_head_dim=64, max_position_embeddings=4096, **kw)
+    ours = r1kernels.ModelConfig.from_hf(hf_cfg.to_dict())
+    inv, factor = r1kernels.ops.rope_inv_freq(64, ours.rope_theta, **ours.rope_kwargs)
+    if rope is None:
+        want_inv = 1.0 / (10000 ** (torch.arange(0, 64, 2, dtype=torch.float) / 64))
+        want_factor = 1.0
+    else:
+        want_inv, want_factor = ROPE_INIT_FUNCTIONS["yarn"](hf_cfg)
+    torch.testing.assert_close(inv, want_inv, atol=0, rtol=1e-6)
+    assert factor == pytest.approx(want_factor, rel=1e-12)
