@@ -117,3 +117,29 @@ def test_r1k_info_command():
     js = subprocess.run([sys.executable, "-m", "r1kernels.cli", "info", "--json"], capture_output=True, text=True,
                         env=env, timeout=120)
     assert json.loads(js.stdout)["ops"]["rms_norm"]["cpu"]["reference"] == "ok"
+
+
+def test_import_and_ops_work_without_the_extension():
+    """As after an R1K_NO_EXT=1 install: r1kernels._C cannot be imported."""
+    script = (
+        "import sys; sys.modules['r1kernels._C'] = None\n"
+        "import torch, r1kernels\n"
+        "from r1kernels import ops\n"
+        "x = torch.randn(3, 8); w = torch.ones(8)\n"
+        "torch.testing.assert_close(ops.rms_norm(x, w), r1kernels.reference.rms_norm(x, w))\n"
+        "rep = r1kernels.info()\n"
+        "assert rep['extension']['built'] is False, rep['extension']\n"
+        "assert 'not built' in rep['ops']['rms_norm']['cpu']['cpu'], rep['ops']['rms_norm']['cpu']\n"
+        "try:\n"
+        "    ops.rms_norm(x, w, backend='cpu')\n"
+        "except r1kernels.BackendUnavailable as e:\n"
+        "    assert 'r1kernels._C' in str(e), e\n"
+        "else:\n"
+        "    raise SystemExit('forced cpu backend without the extension did not raise')\n"
+        "m = r1kernels.Transformer(r1kernels.ModelConfig.preset('tiny'))\n"
+        "assert torch.isfinite(m(torch.zeros(1, 4, dtype=torch.long))).all()\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -71,12 +71,11 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------ forward passes
     def new_cache(self, batch_size: int, max_seqlen: int, *, page_size: int = 64,
-                  dtype: Optional[torch.dtype] = None, with_mtp: bool = False) -> LatentKVCache:
-        """A latent cache for the main layers (and, with ``with_mtp``, one slot per MTP module after them)."""
+                  dtype: Optional[torch.dtype] = None) -> LatentKVCache:
+        """A latent cache ``[num_hidden_layers, pages, page_size, kv_lora_rank + qk_rope_head_dim]`` for the main layers."""
         cfg = self.config
-        n_layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if with_mtp else 0)
         p = self.embed_tokens.weight
-        return LatentKVCache(n_layers, batch_size, max_seqlen, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+        return LatentKVCache(cfg.num_hidden_layers, batch_size, max_seqlen, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
                              page_size=page_size, dtype=dtype or p.dtype, device=p.device)
 
     def forward_hidden(self, input_ids: torch.Tensor, *, cache: Optional[LatentKVCache] = None,

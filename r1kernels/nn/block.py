@@ -27,10 +27,9 @@ class Block(nn.Module):
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
-                cache: Optional[LatentKVCache] = None, cache_layer: Optional[int] = None) -> torch.Tensor:
-        """h ``[B, S, D]`` -> ``[B, S, D]``; ``cache_layer`` is this block's slot in ``cache``."""
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache=cache,
-                               layer_idx=self.layer_idx if cache_layer is None else cache_layer)
+                cache: Optional[LatentKVCache] = None) -> torch.Tensor:
+        """h ``[B, S, D]`` -> ``[B, S, D]``; with a cache, this block uses its slot ``layer_idx``."""
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache=cache, layer_idx=self.layer_idx)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -62,8 +61,7 @@ class MTPModule(nn.Module):
         self.block = Block(cfg, cfg.num_hidden_layers + depth)
         self.shared_head = SharedHeadNorm(cfg)
 
-    def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
-                cache: Optional[LatentKVCache] = None, cache_layer: Optional[int] = None) -> torch.Tensor:
+    def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """h_prev, emb_next ``[B, S, D]`` -> the depth's hidden state ``[B, S, D]`` (before shared_head.norm)."""
         x = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))  # [B, S, 2D] -> [B, S, D]
-        return self.block(x, cos, sin, cache=cache, cache_layer=cache_layer)
+        return self.block(x, cos, sin)
