@@ -33,6 +33,20 @@ def tol(dtype: torch.dtype) -> dict:
     return TOL[dtype]
 
 
+def assert_reduction_close(actual, expected, abs_sum, dtype):
+    """The table's rule for results that are sums over many terms (weight gradients summed over rows).
+
+    Summed in another order, a float sum of N terms moves by up to ~sqrt(N)*eps*(sum of |terms|) whatever
+    the size of the result (terms of both signs cancel), so TOL[dtype]'s (atol, rtol) are applied relative
+    to ``abs_sum``, the sum of |terms| of each output element (computed by the caller from the reference).
+    """
+    assert actual.dtype == expected.dtype
+    t = TOL[dtype]
+    err = (actual.float() - expected.float()).abs()
+    bound = t["atol"] + t["rtol"] * torch.maximum(abs_sum.float(), expected.float().abs())
+    assert bool((err <= bound).all()), f"max error {err.max().item():.3g}, worst error / bound {(err / bound).max().item():.3g}"
+
+
 def pytest_collection_modifyitems(config, items):
     if _HAS_CUDA:
         return

@@ -143,3 +143,10 @@ def test_import_and_ops_work_without_the_extension():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_auto_dispatch_compiles_fullgraph():
+    """torch.compile traces through dispatch: the ambient backend is read at trace time."""
+    x, w = torch.randn(4, 64), torch.randn(64)
+    f = torch.compile(lambda x, w: r1kernels.ops.rms_norm(x, w) * 2 + 1, fullgraph=True)
+    torch.testing.assert_close(f(x, w), r1kernels.reference.rms_norm(x, w) * 2 + 1, atol=1e-5, rtol=1e-5)

@@ -50,18 +50,28 @@ def use_backend(name: str) -> Iterator[None]:
         _FORCED.reset(token)
 
 
+def _ambient_backend() -> str:
+    """The backend forced by ``use_backend`` or else ``R1K_BACKEND`` (``"auto"`` when neither is set)."""
+    forced = _FORCED.get()
+    if forced is not None and forced != "auto":
+        return forced
+    env = os.environ.get("R1K_BACKEND", "").strip()
+    return _validate(env, "R1K_BACKEND") if env else "auto"
+
+
+# torch.compile cannot trace ContextVar.get; the ambient choice is read once when a graph is traced and
+# baked into it (like any other configuration read at trace time): a compiled function keeps the backend
+# it was compiled with. This is what torch.compiler.assume_constant_result does (it sets this marker);
+# calling it would import torch._dynamo, and with it triton, at `import r1kernels`.
+_ambient_backend._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
 def requested_backend(backend: str = "auto") -> str:
     """The backend a call asks for once ``use_backend`` and ``R1K_BACKEND`` are taken into account."""
     _validate(backend, "backend=")
     if backend != "auto":
         return backend
-    forced = _FORCED.get()
-    if forced is not None and forced != "auto":
-        return forced
-    env = os.environ.get("R1K_BACKEND", "").strip()
-    if env:
-        return _validate(env, "R1K_BACKEND")
-    return "auto"
+    return _ambient_backend()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -6,10 +6,22 @@ import math
 import torch
 
 from .. import reference
-from .._dispatch import Impl, Op, always
+from .._dispatch import Impl, Op, always, triton_check
 from ._validate import check_tensor
 
-FP8_BLOCK_DEQUANT = Op("fp8_block_dequant", {"reference": Impl(reference.fp8_block_dequant, always)})
+
+def _fp8_block_dequant_triton(
+    weight: torch.Tensor, scale_inv: torch.Tensor, block_size: int, out_dtype: torch.dtype
+) -> torch.Tensor:
+    from ..triton.quant import fp8_block_dequant as launch
+
+    return launch(weight, scale_inv, block_size, out_dtype)
+
+
+FP8_BLOCK_DEQUANT = Op("fp8_block_dequant", {
+    "reference": Impl(reference.fp8_block_dequant, always),
+    "triton": Impl(_fp8_block_dequant_triton, triton_check),
+})
 
 
 def fp8_block_dequant(

@@ -8,11 +8,39 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from .._dispatch import Impl, Op, always
+from .._dispatch import Impl, Op, always, triton_check
 from ..reference.rope import rope_cos_sin, rope_inv_freq, yarn_get_mscale  # noqa: F401  (public helpers)
 from ._validate import FLOAT_DTYPES, check_tensor
 
-APPLY_ROPE = Op("apply_rope", {"reference": Impl(reference.apply_rope, always)})
+
+class _ApplyRopeTriton(torch.autograd.Function):
+    """The Triton path; the gradient of a rotation is the inverse rotation (same kernel, sin negated)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, interleaved):
+        from ..triton.rope import apply_rope as launch
+
+        ctx.save_for_backward(cos, sin)
+        ctx.interleaved = interleaved
+        return launch(x, cos, sin, interleaved)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        from ..triton.rope import apply_rope as launch
+
+        cos, sin = ctx.saved_tensors
+        return launch(dy, cos, sin, ctx.interleaved, inverse=True), None, None, None
+
+
+def _apply_rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    return _ApplyRopeTriton.apply(x, cos, sin, interleaved)
+
+
+APPLY_ROPE = Op("apply_rope", {
+    "reference": Impl(reference.apply_rope, always),
+    "triton": Impl(_apply_rope_triton, triton_check),
+})
 
 
 def apply_rope(
