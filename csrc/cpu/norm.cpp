@@ -36,19 +36,24 @@ inline void widen_chunk(float* dst, const storage_t<DT>* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = widen<DT>(src[i]);
 }
 
+// A chunk of a row as fp32: the row itself when it already is, else widened into `buf`.
+template <int DT>
+inline const float* chunk_f32(float* buf, const storage_t<DT>* x, int64_t n) {
+  if constexpr (DT == kFloat32) {
+    return x;
+  } else {
+    widen_chunk<DT>(buf, x, n);
+    return buf;
+  }
+}
+
 template <int DT>
 void norm_row(storage_t<DT>* out, const storage_t<DT>* x, const float* w, int64_t D, float eps) {
   float buf[kChunk];
   float sum_sq = 0.f;
   for (int64_t c0 = 0; c0 < D; c0 += kChunk) {
     const int64_t n = std::min(kChunk, D - c0);
-    const float* v;
-    if constexpr (DT == kFloat32) {
-      v = x + c0;
-    } else {
-      widen_chunk<DT>(buf, x + c0, n);
-      v = buf;
-    }
+    const float* v = chunk_f32<DT>(buf, x + c0, n);
     float part = 0.f;
 #pragma omp simd reduction(+ : part)
     for (int64_t i = 0; i < n; ++i) part += v[i] * v[i];
@@ -57,13 +62,7 @@ void norm_row(storage_t<DT>* out, const storage_t<DT>* x, const float* w, int64_
   const float r = 1.0f / std::sqrt(sum_sq / static_cast<float>(D) + eps);
   for (int64_t c0 = 0; c0 < D; c0 += kChunk) {
     const int64_t n = std::min(kChunk, D - c0);
-    const float* v;
-    if constexpr (DT == kFloat32) {
-      v = x + c0;
-    } else {
-      widen_chunk<DT>(buf, x + c0, n);
-      v = buf;
-    }
+    const float* v = chunk_f32<DT>(buf, x + c0, n);
     const float* wc = w + c0;
     storage_t<DT>* o = out + c0;
 #pragma omp simd
