@@ -1,0 +1,215 @@
+"""The one registry of DeepSeek-V3 shapes that every benchmark uses.
+
+Every size a benchmark allocates comes from here, so that a table row can be traced to a named place in the
+model. :data:`V3` holds the model's dimensions (DeepSeek-V3 / R1, 671B; the same values as
+``transformers.DeepseekV3Config()``'s defaults, which ``python_tests/test_benchmarks.py`` checks), and a
+:class:`ShapeSet` adds the token counts a run uses:
+
+* ``"v3"``: the real widths with the token counts of prefill (4096, 8192) and decode (128); for the GPU.
+* ``"cpu"``: the real widths (so the kernels see the same row lengths and head counts) with token counts a
+  2-core CPU runs in milliseconds; for ``benchmarks.run --device cpu`` and pytest-benchmark.
+* ``"smoke"``: the fewest tokens that still exercise every case; for the CI smoke test.
+
+Per kernel family, a function turns a ShapeSet into the list of named cases that family benchmarks
+(:func:`norm_shapes`, :func:`rope_shapes`), and :func:`model_shape` gives the model benchmark's batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """DeepSeek-V3's dimensions (config.json of deepseek-ai/DeepSeek-V3, field names in brackets)."""
+
+    hidden: int = 7168  # residual stream width [hidden_size]
+    q_lora_rank: int = 1536  # MLA: compressed query width, normalised by q_a_layernorm [q_lora_rank]
+    kv_lora_rank: int = 512  # MLA: latent c_kv width, normalised by kv_a_layernorm, cached [kv_lora_rank]
+    qk_rope_head_dim: int = 64  # MLA: rotary part of each q / k head; k_pe is shared by all heads
+    qk_nope_head_dim: int = 128  # MLA: non-rotary part of each q / k head
+    v_head_dim: int = 128  # MLA: value head width
+    heads: int = 128  # attention heads [num_attention_heads]
+    vocab: int = 129280  # [vocab_size]
+    moe_inter: int = 2048  # routed / shared expert FFN width [moe_intermediate_size]
+    dense_inter: int = 18432  # FFN width of the first dense layers [intermediate_size]
+    experts: int = 256  # routed experts [n_routed_experts]
+    shared_experts: int = 1  # [n_shared_experts]
+    top_k: int = 8  # experts per token [num_experts_per_tok]
+    n_group: int = 8  # expert groups for group-limited routing [n_group]
+    topk_group: int = 4  # groups kept per token [topk_group]
+    layers: int = 61  # [num_hidden_layers]
+    first_k_dense: int = 3  # layers before the first MoE layer [first_k_dense_replace]
+    rms_norm_eps: float = 1e-6  # [rms_norm_eps]
+    # RoPE with YaRN [rope_theta, rope_scaling]: 4K pre-training context stretched 40x to 160K.
+    rope_theta: float = 10000.0
+    yarn_factor: float = 40.0
+    yarn_original_max_position: int = 4096
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_mscale: float = 1.0
+    yarn_mscale_all_dim: float = 1.0
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Width of one q / k head: nope + rope (192)."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+V3 = ModelDims()
+
+# Token counts (rows of the activations a kernel sees), named by the phase they stand for.
+TOKENS_DECODE = 128  # one decode step of a 128-sequence batch
+TOKENS_PREFILL = 4096  # one 4K prefill chunk
+TOKENS_PREFILL_LONG = 8192  # one 8K prefill chunk (the MLA prefill anchor's S)
+
+
+@dataclass(frozen=True)
+class ShapeSet:
+    """Token counts of one run, by phase (phase name -> tokens). The dtype follows the device (harness)."""
+
+    name: str
+    dims: ModelDims
+    tokens: tuple[tuple[str, int], ...]
+    doc: str
+
+
+SHAPE_SETS: dict[str, ShapeSet] = {
+    s.name: s
+    for s in (
+        ShapeSet(
+            "v3",
+            V3,
+            (("decode", TOKENS_DECODE), ("prefill", TOKENS_PREFILL), ("prefill8k", TOKENS_PREFILL_LONG)),
+            "DeepSeek-V3 widths at decode (128 tokens) and prefill (4096, 8192 tokens): the GPU tables",
+        ),
+        ShapeSet(
+            "cpu",
+            V3,
+            # 16 / 256 tokens: the same widths, a few milliseconds per call on 2 cores.
+            (("decode", 16), ("prefill", 256)),
+            "DeepSeek-V3 widths, token counts cut for a 2-core CPU (16 and 256)",
+        ),
+        ShapeSet(
+            "smoke",
+            V3,
+            (("decode", 4),),
+            "DeepSeek-V3 widths, 4 tokens: the CI smoke test",
+        ),
+    )
+}
+
+
+def shape_set(name: str) -> ShapeSet:
+    try:
+        return SHAPE_SETS[name]
+    except KeyError:
+        raise ValueError(f"unknown shape set {name!r}; known: {', '.join(SHAPE_SETS)}") from None
+
+
+# ------------------------------------------------------------------------------------------------------
+# Per-family cases.
+
+
+@dataclass(frozen=True)
+class NormShape:
+    """One RMSNorm call: ``rows`` tokens of width ``dim``; ``where`` names the norm in the model.
+
+    ``row_stride`` is the distance between rows in the tensor the model hands the norm: ``dim`` when the
+    input is its own tensor, wider when it is a column slice (c_kv is the first 512 columns of the
+    kv_a_proj output, 576 wide), so the benchmark times the layout the model really has.
+    """
+
+    where: str
+    phase: str
+    rows: int
+    dim: int
+    row_stride: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.where} {self.phase}"
+
+    @property
+    def shape(self) -> str:
+        s = f"[{self.rows}, {self.dim}]"
+        return s if self.row_stride == self.dim else s + f" of [{self.rows}, {self.row_stride}]"
+
+
+def norm_shapes(s: ShapeSet) -> list[NormShape]:
+    """The three RMSNorms of a V3 layer at every token count of ``s``.
+
+    * ``hidden``: input_layernorm / post_attention_layernorm (and the final norm) over [T, 7168];
+    * ``q_a``: MLA's q_a_layernorm over the compressed query [T, 1536];
+    * ``kv_a``: MLA's kv_a_layernorm over the latent c_kv [T, 512], a slice of [T, 512 + 64].
+    """
+    d = s.dims
+    widths = (
+        ("hidden", d.hidden, d.hidden),
+        ("q_a", d.q_lora_rank, d.q_lora_rank),
+        ("kv_a", d.kv_lora_rank, d.kv_lora_rank + d.qk_rope_head_dim),
+    )
+    return [NormShape(w, phase, t, dim, stride) for phase, t in s.tokens for w, dim, stride in widths]
+
+
+@dataclass(frozen=True)
+class RopeShape:
+    """One apply_rope call on ``[tokens, heads, dim]``; ``where`` names the tensor in MLA.
+
+    The model's rotary tensors are slices: channels ``[offset, offset + dim)`` of a ``[tokens, heads,
+    parent_dim]`` tensor (q_pe: the last 64 of each 192-wide query head; k_pe: the last 64 of the 576-wide
+    kv_a_proj output). The benchmark allocates the parent and rotates the slice, the layout the model has.
+    """
+
+    where: str
+    phase: str
+    tokens: int
+    heads: int
+    dim: int
+    parent_dim: int
+    offset: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.where} {self.phase}"
+
+    @property
+    def shape(self) -> str:
+        return f"[{self.tokens}, {self.heads}, {self.dim}] of [.., {self.parent_dim}]"
+
+
+def rope_shapes(s: ShapeSet) -> list[RopeShape]:
+    """MLA's two rotary tensors at every token count of ``s`` (interleaved pairs, DeepSeek's layout).
+
+    * ``q_pe``: the rotary slice of every query head, [T, 128, 64] of [T, 128, 192];
+    * ``k_pe``: the one rotary key shared by all heads, [T, 1, 64] of [T, 1, 576] (what the cache stores).
+    """
+    d = s.dims
+    cases = (
+        ("q_pe", d.heads, d.qk_head_dim, d.qk_nope_head_dim),
+        ("k_pe", 1, d.kv_lora_rank + d.qk_rope_head_dim, d.kv_lora_rank),
+    )
+    return [
+        RopeShape(where, phase, t, heads, d.qk_rope_head_dim, parent, offset)
+        for phase, t in s.tokens
+        for where, heads, parent, offset in cases
+    ]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The model benchmark's input: ``batch`` sequences of ``seq`` tokens through the ``preset`` model."""
+
+    preset: str
+    batch: int
+    seq: int
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+
+def model_shape(s: ShapeSet) -> ModelShape:
+    """Batch 4 x 128 tokens of the tiny model; the smoke set runs 1 x 16 so CI stays fast."""
+    if s.name == "smoke":
+        return ModelShape("tiny", 1, 16)
+    return ModelShape("tiny", 4, 128)

@@ -1,0 +1,153 @@
+"""The benchmark suite on the CPU: the shape registry, the harness's pieces, and one smoke run of
+``python -m benchmarks.run`` with the smallest shapes (the whole CLI, as the GPU suite calls it)."""
+import inspect
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # `benchmarks` is a folder of the repository, not an installed package
+
+from benchmarks import bench_norm, bench_rope, harness, shapes  # noqa: E402
+
+
+def test_v3_dims_match_transformers_defaults():
+    # transformers' DeepseekV3Config() defaults are DeepSeek-V3's config: a check of the registry by code
+    # nobody here wrote.
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.DeepseekV3Config()
+    v3 = shapes.V3
+    pairs = {
+        "hidden_size": v3.hidden, "q_lora_rank": v3.q_lora_rank, "kv_lora_rank": v3.kv_lora_rank,
+        "qk_rope_head_dim": v3.qk_rope_head_dim, "qk_nope_head_dim": v3.qk_nope_head_dim,
+        "v_head_dim": v3.v_head_dim, "num_attention_heads": v3.heads, "vocab_size": v3.vocab,
+        "moe_intermediate_size": v3.moe_inter, "intermediate_size": v3.dense_inter,
+        "n_routed_experts": v3.experts, "n_shared_experts": v3.shared_experts,
+        "num_experts_per_tok": v3.top_k, "n_group": v3.n_group, "topk_group": v3.topk_group,
+        "num_hidden_layers": v3.layers, "first_k_dense_replace": v3.first_k_dense, "rms_norm_eps": v3.rms_norm_eps,
+    }
+    for key, ours in pairs.items():
+        assert getattr(hf, key) == ours, key
+
+
+def test_shape_sets_cover_the_model_tensors():
+    v3 = shapes.shape_set("v3")
+    assert [t for _, t in v3.tokens] == [128, 4096, 8192]
+    norms = {(n.where, n.dim, n.row_stride) for n in shapes.norm_shapes(v3)}
+    assert norms == {("hidden", 7168, 7168), ("q_a", 1536, 1536), ("kv_a", 512, 576)}
+    ropes = {(r.where, r.heads, r.dim, r.parent_dim, r.offset) for r in shapes.rope_shapes(v3)}
+    assert ropes == {("q_pe", 128, 64, 192, 128), ("k_pe", 1, 64, 576, 512)}
+
+
+def test_formulas():
+    # [4096, 7168] bf16 with a bf16 weight: 2 N D 2 + 2 D bytes forward, 5 N D 2 + 3 D 2 forward+backward
+    n, d = 4096, 7168
+    assert bench_norm.norm_bytes(n, d, 2, 2, "fwd") == 2 * n * d * 2 + d * 2
+    assert bench_norm.norm_bytes(n, d, 2, 2, "fwd+bwd") == 5 * n * d * 2 + 3 * d * 2
+    assert bench_norm.norm_flops(n, d, "fwd") == 4 * n * d
+    # q_pe [4096, 128, 64] bf16, fp32 cos / sin [4096, 32]
+    assert bench_rope.rope_bytes(4096, 128, 64, 2, "fwd") == 2 * 4096 * 128 * 64 * 2 + 2 * 4096 * 32 * 4
+    assert bench_rope.rope_bytes(4096, 128, 64, 2, "fwd+bwd") == 2 * bench_rope.rope_bytes(4096, 128, 64, 2, "fwd")
+    assert bench_rope.rope_flops(4096, 128, 64, "fwd") == 3 * 4096 * 128 * 64
+
+
+def test_do_bench_kwargs_old_and_new_triton():
+    def new(fn, warmup=25, rep=100, grad_to_none=None, quantiles=None, return_mode="mean"):  # triton >= 3.2
+        pass
+
+    def old(fn, warmup=25, rep=100, grad_to_none=None, quantiles=None, fast_flush=True, return_mode="mean"):
+        pass
+
+    assert harness.do_bench_kwargs(new) == {"warmup": 25, "rep": 100, "return_mode": "median"}
+    assert harness.do_bench_kwargs(old) == {"warmup": 25, "rep": 100, "return_mode": "median", "fast_flush": True}
+    # whatever triton is installed here accepts what the harness passes
+    tt = pytest.importorskip("triton.testing")
+    inspect.signature(tt.do_bench).bind(lambda: None, **harness.do_bench_kwargs(tt.do_bench))
+
+
+def test_torch_baselines_match_the_reference():
+    # fp32 throughout: the baselines, like the reference, compute in fp32 (x.float())
+    import r1kernels
+
+    x = torch.randn(5, 3, 64)
+    cos, sin = torch.rand(5, 32), torch.rand(5, 32)
+    want = r1kernels.reference.apply_rope(x, cos, sin, interleaved=True)
+    torch.testing.assert_close(bench_rope.torch_real(x, cos, sin), want)
+    torch.testing.assert_close(bench_rope.torch_complex(x, torch.complex(cos, sin)), want)
+    h, w = torch.randn(7, 33), torch.randn(33)
+    torch.testing.assert_close(bench_norm.torch_formula(h, w, 1e-6), r1kernels.reference.rms_norm(h, w, 1e-6))
+
+
+def test_run_case_records_unavailable_errors_and_mismatches():
+    import r1kernels
+
+    ctx = harness.make_context("cpu", "smoke")
+    ctx.cpu_budget_s, ctx.cpu_min_runs = 0.0, 3
+    x = torch.randn(64, 64)
+
+    def unavailable():
+        raise r1kernels.BackendUnavailable("no such backend here")
+
+    case = harness.Case(
+        family="t", op="scale", label="s", shape="[64, 64]", mode="fwd", dtype=torch.float32, flops=64 * 64,
+        nbytes=2 * 64 * 64 * 4,
+        impls=[
+            harness.Impl("torch", "torch", lambda: x * 2),
+            harness.Impl("good", "r1kernels", lambda: x + x),
+            harness.Impl("wrong", "r1kernels", lambda: x * 2.1),
+            harness.Impl("gone", "r1kernels", unavailable),
+            harness.Impl("crash", "r1kernels", lambda: 1 / 0),
+            harness.Impl("absent", "peer", why_not="not installed"),
+        ],
+    )
+    rows = {r.impl: r for r in harness.run_case(ctx, case, {"copy_GBps": 10.0, "matmul_TFLOPs": 1.0})}
+    assert rows["torch"].status == "ok" and rows["torch"].vs_torch == 1.0
+    assert rows["good"].status == "ok" and rows["good"].rel_err == 0.0 and rows["good"].ms > 0
+    assert rows["good"].GBps == pytest.approx(case.nbytes / rows["good"].ms / 1e6)
+    assert rows["good"].frac_copy == pytest.approx(rows["good"].GBps / 10.0)
+    assert rows["wrong"].status == "mismatch" and rows["wrong"].ms > 0
+    assert rows["gone"].status == "unavailable" and "no such backend" in rows["gone"].note
+    assert rows["crash"].status == "error" and "ZeroDivisionError" in rows["crash"].note
+    assert rows["absent"].status == "unavailable" and rows["absent"].ms is None
+
+
+def test_git_state_without_git(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git on the PATH: the field says so, nothing raises
+    assert harness.git_state()["commit"].startswith("unknown")
+
+
+def test_cli_smoke(tmp_path):
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "benchmarks.run", "--device", "cpu", "--shapes", "smoke", "--cpu-budget-ms", "5",
+           "--only", "norm,rope,model", "--out", str(out)]
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "bench.json").read_text())
+    md = (out / "bench.md").read_text()
+
+    assert result["device"]["type"] == "cpu" and result["shape_set"] == "smoke"
+    assert result["ceilings"]["copy_GBps"] > 0 and result["ceilings"]["matmul_TFLOPs"] > 0
+    assert set(result["versions"]) >= {"python", "torch", "triton", "r1kernels"}
+    assert "commit" in result["git"]
+    rows = result["rows"]
+    smoke = shapes.shape_set("smoke")
+    want = {("norm", n.label, m) for n in shapes.norm_shapes(smoke) for m in ("fwd", "fwd+bwd")}
+    want |= {("rope", r.label, m) for r in shapes.rope_shapes(smoke) for m in ("fwd", "fwd+bwd")}
+    want |= {("model", "tiny model", "fwd")}
+    assert {(r["family"], r["case"], r["mode"]) for r in rows} == want
+    for r in rows:
+        assert r["status"] in ("ok", "unavailable"), r
+        if r["status"] == "ok":
+            assert r["ms"] > 0, r
+        if r["kind"] == "torch" or r["impl"] == "reference":  # these always run on the CPU
+            assert r["status"] == "ok", r
+    impls = {r["impl"] for r in rows if r["family"] == "norm"}
+    assert {"torch formula", "cpu", "reference"} <= impls
+    for header in ("## norm", "## rope", "## model", "| case |", "GB/s", "× torch"):
+        assert header in md
