@@ -122,3 +122,29 @@ def test_rope_tables_match_transformers(rope):
         want_inv, want_factor = ROPE_INIT_FUNCTIONS["yarn"](hf_cfg)
     torch.testing.assert_close(inv, want_inv, atol=0, rtol=1e-6)
     assert factor == pytest.approx(want_factor, rel=1e-12)
+
+
+def test_our_checkpoints_load_in_transformers(tmp_path):
+    """save_pretrained writes DeepSeek's format: transformers loads it and gives the same logits."""
+    from transformers import DeepseekV3ForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    torch.manual_seed(0)
+    ours = r1kernels.Transformer(r1kernels.ModelConfig.preset("tiny"))
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if "norm" in n:
+                p.add_(0.2 * torch.randn_like(p))
+        for n, b in ours.named_buffers():
+            if "e_score_correction_bias" in n:
+                b.normal_(0, 0.5)
+    ours.save_pretrained(tmp_path)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # transformers does not model the MTP layer: it reports its tensors as unexpected
+    try:
+        hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path).eval()
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    ids = torch.randint(0, 1024, (2, 19), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits.float(), atol=MODEL_ATOL, rtol=0)
