@@ -5,13 +5,13 @@ favour clarity over speed. Tests and benchmarks import them from here; nobody co
 """
 from .activation import swiglu, swiglu_backward
 from .mla import mla_attention, mla_decode
-from .moe import moe_experts, moe_route
+from .moe import expert_counts, moe_align, moe_experts, moe_route, sequence_balance_loss, update_routing_bias
 from .norm import rms_norm, rms_norm_backward
 from .quant import fp8_block_dequant
 from .rope import apply_rope, rope_cos_sin, rope_inv_freq, yarn_get_mscale
 
 __all__ = [
-    "apply_rope", "fp8_block_dequant", "mla_attention", "mla_decode", "moe_experts", "moe_route",
+    "apply_rope", "expert_counts", "fp8_block_dequant", "moe_align", "sequence_balance_loss", "update_routing_bias", "mla_attention", "mla_decode", "moe_experts", "moe_route",
     "rms_norm", "rms_norm_backward", "rope_cos_sin", "rope_inv_freq", "swiglu", "swiglu_backward",
     "yarn_get_mscale",
 ]

@@ -30,7 +30,8 @@ def moe_route(
     group_score: str = "top2_sum",
     norm_topk_prob: bool = True,
     routed_scaling_factor: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_counts: bool = False,
+):
     """Group-limited top-k routing.
 
     1. scores = sigmoid(logits) or softmax(logits) over E, in fp32;
@@ -46,7 +47,8 @@ def moe_route(
         router_logits: ``[T, E]`` (upcast to fp32).
         bias: ``[E]`` fp32 ``e_score_correction_bias`` or None.
     Returns:
-        ``(weights [T, K] fp32, expert_ids [T, K] int32)``, experts in descending selection score.
+        ``(weights [T, K] fp32, expert_ids [T, K] int32)``, experts in descending selection score; with
+        ``return_counts`` also ``counts [E] int32``, the number of tokens routed to each expert.
     """
     if router_logits.dim() != 2:
         raise ValueError(f"moe_route: router_logits must be [T, E], got shape {tuple(router_logits.shape)}")
@@ -78,7 +80,103 @@ def moe_route(
     weights = scores.gather(1, ids)
     if norm_topk_prob:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    return weights * routed_scaling_factor, ids.to(torch.int32)
+    ids = ids.to(torch.int32)
+    if return_counts:
+        return weights * routed_scaling_factor, ids, expert_counts(ids, e)
+    return weights * routed_scaling_factor, ids
+
+
+def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``counts [E] int32``: how many (token, slot) pairs of ``expert_ids [T, K]`` chose each expert.
+
+    A scatter-add into a fixed-size buffer (``torch.bincount`` would size its output from the data and sync).
+    """
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=expert_ids.device)
+    return counts.scatter_add_(0, expert_ids.reshape(-1).long(), torch.ones_like(expert_ids.reshape(-1), dtype=torch.int32))
+
+
+def moe_align(expert_ids: torch.Tensor, num_experts: int, block_size: int):
+    """Sort the T*K routing slots by expert and pad each expert's run to a multiple of ``block_size``.
+
+    Slot ``s = t * K + k`` is token t's k-th choice. The output lists, expert by expert (ascending), the
+    slots that chose the expert (ascending slot order within an expert, so the result is unique), each
+    expert's run padded with the sentinel ``T * K`` up to a multiple of ``block_size``; experts with no
+    slots take no room. A grouped GEMM then runs one program per block of ``block_size`` rows, all of one
+    expert, reading token rows through ``sorted_slots // K`` (no gathered copy of x).
+
+    Args:
+        expert_ids: ``[T, K]`` int32 / int64 in ``[0, E)``.
+        num_experts: E.
+        block_size: the GEMM's row block (BM), > 0.
+    Returns:
+        sorted_slots ``[S_max]`` int32 (sentinel-filled past ``num_padded``),
+        block_expert ``[S_max / BM]`` int32 (the expert of each block; -1 for blocks past ``num_padded``),
+        num_padded ``[1]`` int32 (the used length, a multiple of BM),
+        counts ``[E]`` int32.
+        ``S_max = ceil((T*K + min(E, T*K) * (BM - 1)) / BM) * BM``, the longest the padded list can be,
+        so the sizes depend only on the shapes (no host sync).
+    """
+    t, k = expert_ids.shape
+    n = t * k
+    dev = expert_ids.device
+    s_max = -(-(n + min(num_experts, n) * (block_size - 1)) // block_size) * block_size
+    counts = expert_counts(expert_ids, num_experts)
+    padded = (counts + block_size - 1) // block_size * block_size  # [E]
+    start = torch.cumsum(padded, 0) - padded  # [E] first row of each expert's run
+    flat = expert_ids.reshape(-1).long()
+    order = torch.sort(flat, stable=True).indices  # slots grouped by expert, ascending within an expert
+    rank = torch.arange(n, device=dev) - (torch.cumsum(counts, 0) - counts).long()[flat[order]]  # place within run
+    sorted_slots = torch.full((s_max,), n, dtype=torch.int32, device=dev)
+    sorted_slots[start.long()[flat[order]] + rank] = order.to(torch.int32)
+    num_padded = padded.sum().reshape(1).to(torch.int32)
+    block_start = torch.arange(0, s_max, block_size, device=dev)  # [S_max / BM]
+    run_end = torch.cumsum(padded, 0)  # [E]
+    block_expert = torch.searchsorted(run_end, block_start, right=True).to(torch.int32)
+    block_expert = torch.where(block_start < num_padded, block_expert, torch.full_like(block_expert, -1))
+    return sorted_slots, block_expert, num_padded, counts
+
+
+def update_routing_bias(bias: torch.Tensor, counts: torch.Tensor, gamma: float = 1e-3) -> torch.Tensor:
+    """Aux-loss-free load balancing (DeepSeek-V3 section 2.1.2), in place, no gradient.
+
+    ``bias_i += gamma * sign(mean(counts) - counts_i)``: overloaded experts become less likely to be
+    selected, underloaded ones more. ``bias [E]`` fp32, ``counts [E]`` tokens per expert over the step
+    (any integer or float dtype). Returns ``bias``.
+    """
+    with torch.no_grad():
+        c = counts.float()
+        bias.add_(gamma * torch.sign(c.mean() - c).to(bias.dtype))
+    return bias
+
+
+def sequence_balance_loss(
+    scores: torch.Tensor, expert_ids: torch.Tensor, *, alpha: float = 1e-4, mask=None
+) -> torch.Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss ``alpha * sum_i f_i * P_i`` per sequence, averaged.
+
+    Per sequence of T tokens, with E experts and K chosen per token:
+    ``f_i = E / (K * T) * #{t : expert i chosen by t}`` (no gradient) and ``P_i = 1/T * sum_t s'_{i,t}``,
+    ``s'_{i,t} = s_{i,t} / sum_j s_{j,t}`` (the affinity scores normalised over all experts).
+
+    Args:
+        scores: ``[B, S, E]`` the unbiased affinity scores s (sigmoid of the router logits; softmax rows
+            are already normalised), differentiable.
+        expert_ids: ``[B, S, K]`` the chosen experts.
+        alpha: the balance factor (1e-4 in DeepSeek-V3).
+        mask: optional ``[B, S]`` bool, False for padding tokens (left out of T, f and P).
+    Returns:
+        A scalar fp32 tensor.
+    """
+    b, s, e = scores.shape
+    k = expert_ids.shape[-1]
+    m = torch.ones(b, s, dtype=torch.float32, device=scores.device) if mask is None else mask.float()
+    n_tok = m.sum(1).clamp_min(1.0)  # [B]
+    chosen = torch.zeros(b, s, e, dtype=torch.float32, device=scores.device)
+    chosen.scatter_(2, expert_ids.long(), 1.0)
+    f = (chosen * m[..., None]).sum(1) * (e / (k * n_tok))[:, None]  # [B, E]
+    p_norm = scores.float() / scores.float().sum(-1, keepdim=True)
+    p = (p_norm * m[..., None]).sum(1) / n_tok[:, None]  # [B, E]
+    return alpha * (f * p).sum(1).mean()
 
 
 def moe_experts(
