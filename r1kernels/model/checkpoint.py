@@ -242,7 +242,7 @@ def load_pretrained(path: PathLike, dtype: Optional[torch.dtype] = None,
             if src.rows is not None:
                 dst = dst[src.rows]
             dst.copy_(_read(files, src.key, ckpt_keys, dst.dtype, block).to(device))
-    model.rotary.reset_parameters()
+    model.reset_derived_buffers()
     return model.eval()
 
 

@@ -53,7 +53,15 @@ class Transformer(nn.Module):
         for name, buf in self.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buf.zero_()
+        self.reset_derived_buffers()
+
+    def reset_derived_buffers(self) -> None:
+        """Recompute the buffers that checkpoints do not hold (RoPE tables, load counters), e.g. after the
+        model was built on the meta device and materialised with ``to_empty``."""
         self.rotary.reset_parameters()
+        for name, buf in self.named_buffers():
+            if name.endswith("tokens_per_expert"):
+                buf.zero_()
 
     def head_weight(self) -> torch.Tensor:
         """``[V, D]``: the output projection (the embedding when tied)."""
@@ -62,6 +70,12 @@ class Transformer(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden ``[..., D]`` -> float32 logits ``[..., V]``."""
         return nn.functional.linear(hidden, self.head_weight()).float()
+
+    def update_routing_biases(self, gamma: float = 1e-3) -> None:
+        """Aux-loss-free balancing for every MoE layer (main and MTP) from the loads seen in training mode."""
+        for mod in self.modules():
+            if hasattr(mod, "update_bias") and hasattr(mod, "tokens_per_expert"):
+                mod.update_bias(gamma)
 
     def save_pretrained(self, path, **kwargs) -> None:
         """Write a Hugging Face directory atomically (see ``r1kernels.model.checkpoint.save_pretrained``)."""

@@ -47,15 +47,31 @@ class Gate(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
         else:
             self.e_score_correction_bias = None
+        # Tokens routed to each expert since the last bias update, accumulated in training mode on the
+        # device (no host sync); read and cleared by update_bias().
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts, dtype=torch.int64), persistent=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x ``[T, D]`` -> ``(weights [T, K] fp32, expert_ids [T, K] int32)``."""
         logits = F.linear(x.float(), self.weight.float())  # [T, E] fp32, routing is precision-sensitive
-        return ops.moe_route(
+        weights, expert_ids, counts = ops.moe_route(
             logits, self.e_score_correction_bias, top_k=self.top_k, n_group=self.n_group,
             topk_group=self.topk_group, score_func=self.score_func, group_score=self.group_score,
-            norm_topk_prob=self.norm_topk_prob, routed_scaling_factor=self.routed_scaling_factor,
+            norm_topk_prob=self.norm_topk_prob, routed_scaling_factor=self.routed_scaling_factor, return_counts=True,
         )
+        if self.training:
+            self.tokens_per_expert += counts
+        return weights, expert_ids
+
+    def update_bias(self, gamma: float = 1e-3) -> None:
+        """One aux-loss-free balancing step from the loads seen since the last call (then cleared).
+
+        Called by the trainer after each optimiser step (DeepSeek-V3: gamma = 1e-3). A no-op for routers
+        without a selection bias (V2).
+        """
+        if self.e_score_correction_bias is not None:
+            ops.update_routing_bias(self.e_score_correction_bias, self.tokens_per_expert, gamma)
+        self.tokens_per_expert.zero_()
 
 
 class Experts(nn.Module):
