@@ -271,6 +271,9 @@ class Case:
     flops: float
     nbytes: float
     impls: list[Impl]
+    # Bytes the pass cannot avoid reading however it computes (MoE: the touched experts' weights); each
+    # row then shows the time they take at this run's copy ceiling (``floor_ms``). 0: no such floor.
+    floor_bytes: float = 0.0
 
 
 @dataclass
@@ -294,6 +297,7 @@ class Row:
     GBps: Optional[float] = None
     frac_copy: Optional[float] = None  # GBps / the copy ceiling of this run
     frac_matmul: Optional[float] = None  # TFLOPs / the matmul ceiling of this run
+    floor_ms: Optional[float] = None  # the case's floor_bytes at this run's copy ceiling
     vs_torch: Optional[float] = None  # fastest torch baseline's ms / this ms (> 1: faster than torch)
     torch_ref: Optional[str] = None  # which baseline that was
     vs_peer: Optional[float] = None  # fastest peer's ms / this ms
@@ -313,9 +317,13 @@ def _as_tensors(out: Any) -> list[torch.Tensor]:
     raise TypeError(f"a benchmark implementation must return tensors, got {type(out).__name__}")
 
 
+# Elements per fp64 chunk in rel_err (256 MB): a V3 expert weight gradient has 7.5e9 elements, 60 GB in fp64.
+REL_ERR_CHUNK = 1 << 25
+
+
 def rel_err(got: Any, ref: Any) -> float:
-    """Worst ‖got − ref‖ / ‖ref‖ over the returned tensors, in fp64 on their device; inf on NaN or a shape
-    mismatch."""
+    """Worst ‖got − ref‖ / ‖ref‖ over the returned tensors, in fp64 on their device (a chunk at a time, so
+    the fp64 copies stay small); inf on NaN or a shape mismatch."""
     g, r = _as_tensors(got), _as_tensors(ref)
     if len(g) != len(r):
         return math.inf
@@ -323,10 +331,15 @@ def rel_err(got: Any, ref: Any) -> float:
     for a, b in zip(g, r):
         if a.shape != b.shape:
             return math.inf
-        a64, b64 = a.detach().to(torch.float64), b.detach().to(device=a.device, dtype=torch.float64)
-        num = (a64 - b64).norm().item()
-        den = b64.norm().item()
-        del a64, b64
+        a, b = a.detach().reshape(-1), b.detach().to(a.device).reshape(-1)
+        num_sq = den_sq = 0.0
+        for start in range(0, a.numel(), REL_ERR_CHUNK):
+            a64 = a[start:start + REL_ERR_CHUNK].to(torch.float64)
+            b64 = b[start:start + REL_ERR_CHUNK].to(torch.float64)
+            num_sq += (a64 - b64).square().sum().item()
+            den_sq += b64.square().sum().item()
+            del a64, b64
+        num, den = math.sqrt(num_sq), math.sqrt(den_sq)
         e = num / den if den > 0 else num
         if not math.isfinite(e):
             return math.inf
@@ -359,6 +372,8 @@ def run_case(ctx: Context, case: Case, ceilings: dict[str, Any]) -> list[Row]:
             dtype=str(case.dtype).replace("torch.", ""), impl=impl.name, kind=impl.kind,
             flops=case.flops or None, nbytes=case.nbytes or None,
         )
+        if case.floor_bytes and ceilings.get("copy_GBps"):
+            row.floor_ms = case.floor_bytes / ceilings["copy_GBps"] / 1e6
         rows.append(row)
         if impl.fn is None:
             row.status, row.note = "unavailable", impl.why_not or ""
@@ -446,6 +461,8 @@ def format_row_line(r: Row) -> str:
         parts.append(f"{r.GBps:8.1f} GB/s")
     if r.tokens_per_s is not None:
         parts.append(f"{r.tokens_per_s:9.0f} tok/s")
+    if r.floor_ms is not None:
+        parts.append(f"floor {r.floor_ms:.4f} ms")
     if r.vs_torch is not None:
         parts.append(f"x{r.vs_torch:.2f} vs {r.torch_ref}")
     if r.status != "ok":
@@ -578,6 +595,7 @@ _COLUMNS: list[tuple[str, Callable[[Row], str]]] = [
     ("GB/s", lambda r: _fmt(r.GBps, ".1f")),
     ("% copy", lambda r: _fmt(None if r.frac_copy is None else 100 * r.frac_copy, ".1f")),
     ("% matmul", lambda r: _fmt(None if r.frac_matmul is None else 100 * r.frac_matmul, ".2f")),
+    ("floor ms", lambda r: _fmt(r.floor_ms, ".4f")),
     ("× torch", lambda r: _fmt(r.vs_torch, ".2f")),
     ("× peer", lambda r: _fmt(r.vs_peer, ".2f")),
     ("rel err", lambda r: _fmt(r.rel_err, ".1e")),
@@ -605,6 +623,8 @@ def markdown(result: dict[str, Any]) -> str:
         "- × torch: the fastest torch baseline of the same case in this run over this row's time (> 1 is faster); "
         "rel err: ‖out − ref‖ / ‖ref‖ against the first torch baseline (outputs and gradients, worst)",
     ]
+    if result.get("partial"):
+        lines.append("- partial: the run had not finished every family when this was written")
     if result.get("peers"):
         lines.append("- peers: " + ", ".join(f"{k} {v}" for k, v in result["peers"].items()))
     for fam, why in result.get("skipped", {}).items():

@@ -1,13 +1,15 @@
 """Run the benchmark families and write ``OUT/bench.json`` and ``OUT/bench.md``.
 
-    python -m benchmarks.run --out DIR [--device cuda|cpu] [--only norm,rope,model] [--shapes v3|cpu|smoke]
+    python -m benchmarks.run --out DIR [--device cuda|cpu] [--only norm,rope,moe,model] [--shapes v3|cpu|smoke]
         [--cpu-budget-ms 200]
 
 The device ceilings (copy, matmul) are measured first, in the same process, and every row is set against
 them. ``--device`` defaults to cuda when torch sees a GPU. ``--shapes`` defaults to ``v3`` on CUDA and
 ``cpu`` on the CPU (``smoke``: the fewest tokens, for CI). A family that does not run on the device is
-listed as skipped. Exit status: 0 when every row that ran matched its reference without error, 1 when a row
-is "error" or "mismatch" (the tables are written either way), 2 for bad arguments.
+listed as skipped. The output files are rewritten after every family (with ``"partial": true`` until the
+run ends), so a run stopped at a time limit keeps the families that finished. Exit status: 0 when every row
+that ran matched its reference without error, 1 when a row is "error" or "mismatch" (the tables are written
+either way), 2 for bad arguments.
 """
 from __future__ import annotations
 
@@ -18,13 +20,13 @@ from typing import Optional
 
 import torch
 
-from . import bench_model, bench_norm, bench_rope
+from . import bench_model, bench_moe, bench_norm, bench_rope
 from .harness import Row, make_context, measure_ceilings, result_dict, versions, write_results
 
 # Every benchmark family, in the order they run. A family module has FAMILY (its name), DEVICES (the
 # device types it runs on), peers(ctx) -> {library: version or why absent} and
 # run(ctx, ceilings, log) -> list[Row].
-FAMILIES = (bench_norm, bench_rope, bench_model)
+FAMILIES = (bench_norm, bench_rope, bench_moe, bench_model)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -76,6 +78,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             rows.append(Row(family=fam.FAMILY, op="?", case="(family)", shape="", mode="", dtype="", impl="(all)",
                             kind="r1kernels", status="error", note=f"{type(exc).__name__}: {exc}"[:400]))
             print(f"{fam.FAMILY}: ERROR {type(exc).__name__}: {exc}", flush=True)
+        # The tables so far, after every family: a run stopped at its time limit (the GPU suite's bench step)
+        # still leaves the families that finished.
+        write_results(args.out, result_dict(ctx, rows, ceilings, families=ran, skipped=skipped, peers=peers,
+                                            wall_s=round(time.perf_counter() - t0, 1), partial=True))
 
     result = result_dict(ctx, rows, ceilings, families=ran, skipped=skipped, peers=peers,
                          wall_s=round(time.perf_counter() - t0, 1))

@@ -11,7 +11,9 @@ model. :data:`V3` holds the model's dimensions (DeepSeek-V3 / R1, 671B; the same
 * ``"smoke"``: the fewest tokens that still exercise every case; for the CI smoke test.
 
 Per kernel family, a function turns a ShapeSet into the list of named cases that family benchmarks
-(:func:`norm_shapes`, :func:`rope_shapes`), and :func:`model_shape` gives the model benchmark's batch.
+(:func:`norm_shapes`, :func:`rope_shapes`, :func:`moe_gate_shapes`, :func:`moe_layer_shapes`), and
+:func:`model_shape` gives the model benchmark's batch. The MoE layer shapes also name the other models
+whose expert widths a benchmark uses (:data:`V2_LITE_MOE`, the tiny preset's :data:`TINY_MOE`).
 """
 from __future__ import annotations
 
@@ -213,3 +215,98 @@ def model_shape(s: ShapeSet) -> ModelShape:
     if s.name == "smoke":
         return ModelShape("tiny", 1, 16)
     return ModelShape("tiny", 4, 128)
+
+
+# ------------------------------------------------------------------------------------------------------
+# MoE: the routing gate and the routed-expert layer.
+
+
+@dataclass(frozen=True)
+class MoEDims:
+    """One model's routed-expert layer and router (config.json field names in brackets)."""
+
+    name: str
+    hidden: int  # D [hidden_size]
+    inter: int  # I, one expert's FFN width [moe_intermediate_size]
+    experts: int  # E [n_routed_experts]
+    top_k: int  # K [num_experts_per_tok]
+    n_group: int  # [n_group] (1: no group limit)
+    topk_group: int  # [topk_group]
+    score_func: str  # "sigmoid" (V3) or "softmax" (V2) [scoring_func]
+    group_score: str  # "top2_sum" (V3) or "max" (V2)
+    norm_topk_prob: bool  # [norm_topk_prob]
+    routed_scaling_factor: float  # [routed_scaling_factor]
+
+    def weight_bytes(self, experts: int, elem_bytes: int) -> int:
+        """Bytes of ``experts`` experts' W1, W3 and W2 (3 I D elements each)."""
+        return experts * 3 * self.inter * self.hidden * elem_bytes
+
+
+V3_MOE = MoEDims("v3", V3.hidden, V3.moe_inter, V3.experts, V3.top_k, V3.n_group, V3.topk_group,
+                 "sigmoid", "top2_sum", True, 2.5)
+# DeepSeek-V2-Lite (15.7B; r1kernels.ModelConfig.preset("v2-lite")): softmax scores, no group limit, top-6
+# of 64, weights not renormalised.
+V2_LITE_MOE = MoEDims("v2-lite", 2048, 1408, 64, 6, 1, 1, "softmax", "max", False, 1.0)
+# r1kernels.ModelConfig.preset("tiny"): the model the CPU tests and the model benchmark run.
+TINY_MOE = MoEDims("tiny", 256, 128, 16, 4, 4, 2, "sigmoid", "top2_sum", True, 2.5)
+
+# Gate token counts (the issue's): one token, a decode batch, a 4K and a 16K prefill chunk.
+GATE_TOKENS = (1, TOKENS_DECODE, TOKENS_PREFILL, 16384)
+
+
+@dataclass(frozen=True)
+class MoEGateShape:
+    """One routing call: ``ops.moe_route`` of fp32 router logits ``[tokens, E]`` with ``dims``' rules."""
+
+    dims: MoEDims
+    tokens: int
+
+    @property
+    def label(self) -> str:
+        return f"gate {self.dims.name} T={self.tokens}"
+
+    @property
+    def shape(self) -> str:
+        d = self.dims
+        return f"[{self.tokens}, {d.experts}] top-{d.top_k} groups {d.n_group}/{d.topk_group}"
+
+
+@dataclass(frozen=True)
+class MoELayerShape:
+    """One routed-expert layer call: ``ops.moe_experts`` of ``[tokens, D]`` through ``dims``' experts."""
+
+    dims: MoEDims
+    tokens: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.dims.name} T={self.tokens}"
+
+    @property
+    def shape(self) -> str:
+        d = self.dims
+        return f"T={self.tokens} D={d.hidden} I={d.inter} E={d.experts} top-{d.top_k}"
+
+
+def moe_gate_shapes(s: ShapeSet) -> list[MoEGateShape]:
+    """V3's router (E=256, groups 8/4, top-8) at every gate token count (the smoke set: 4 tokens)."""
+    tokens = (4,) if s.name == "smoke" else GATE_TOKENS
+    return [MoEGateShape(V3_MOE, t) for t in tokens]
+
+
+def moe_layer_shapes(s: ShapeSet) -> list[MoELayerShape]:
+    """The routed-expert layers of a run.
+
+    * ``v3`` (GPU): V3 (D=7168, I=2048, E=256, top-8; 22.5 GB of bf16 weights) and V2-Lite (D=2048, I=1408,
+      E=64, top-6) at decode (128) and prefill (4096) token counts.
+    * ``cpu``: the tiny preset's experts at 1 and 16 tokens (decode) and 512 (the model benchmark's 4 x 128
+      batch). V3's weights (45 GB in fp32) and V2-Lite's (2.2 GB) are not for a 2-core CPU, and at real
+      widths the loop reference's backward alone takes seconds there (it builds a full-size weight
+      gradient per expert).
+    * ``smoke``: the tiny preset's experts at 4 tokens.
+    """
+    if s.name == "smoke":
+        return [MoELayerShape(TINY_MOE, 4)]
+    if s.name == "cpu":
+        return [MoELayerShape(TINY_MOE, t) for t in (1, 16, 512)]
+    return [MoELayerShape(d, t) for d in (V3_MOE, V2_LITE_MOE) for t in (TOKENS_DECODE, TOKENS_PREFILL)]

@@ -1,6 +1,6 @@
 // The Python module r1kernels._C: argument validation and the pybind11 glue around the native kernels.
 //
-// Letters: N rows (n_rows), D the normalised dim (d).
+// Letters: N rows (n_rows), D the normalised dim (d); for MoE: T tokens, E experts, K chosen per token.
 //
 // Tensors arrive as raw addresses (Python ints from tensor.data_ptr()), sizes, row strides in elements
 // and dtype codes (common.h). Nothing here knows about torch, so one build works with any torch version;
@@ -96,6 +96,81 @@ RmsNormArgs rms_norm_args(const char* fn, std::uintptr_t out, std::uintptr_t x, 
   return a;
 }
 
+// Elements from the first to one past the last of a [rows, cols] view with element strides (st, se), or -1
+// when that does not fit in int64 (so in no address space). rows, cols >= 1; st, se >= 0.
+int64_t span_elems_2d(int64_t rows, int64_t cols, int64_t st, int64_t se) {
+  const int64_t max_elems = std::numeric_limits<int64_t>::max() / 8;
+  if (rows > max_elems || cols > max_elems) return -1;
+  if (st > 0 && rows - 1 > max_elems / st) return -1;
+  if (se > 0 && cols - 1 > max_elems / se) return -1;
+  const int64_t last = (rows - 1) * st + (cols - 1) * se;
+  return last > max_elems - 1 ? -1 : last + 1;
+}
+
+MoeRouteArgs moe_route_args(const char* fn, std::uintptr_t logits, std::uintptr_t bias, std::uintptr_t weights,
+                            std::uintptr_t expert_ids, std::uintptr_t counts, int64_t n_tokens, int64_t n_experts,
+                            int64_t stride_t, int64_t stride_e, int64_t n_group, int64_t topk_group, int64_t top_k,
+                            int dtype, bool softmax, bool top2_sum, bool norm, double scale) {
+  R1K_CHECK(valid_dtype(dtype), fn, ": dtype must be ", kDtypeHelp, ", got ", dtype);
+  R1K_CHECK(n_tokens >= 0, fn, ": n_tokens must be >= 0, got ", n_tokens);
+  R1K_CHECK(n_experts >= 1 && n_experts <= INT32_MAX, fn, ": n_experts must be in [1, 2^31), got ", n_experts);
+  R1K_CHECK(n_group >= 1 && n_experts % n_group == 0, fn, ": n_group must be >= 1 and divide n_experts (",
+            n_experts, "), got ", n_group);
+  R1K_CHECK(topk_group >= 1 && topk_group <= n_group, fn, ": topk_group must be in [1, n_group=", n_group, "], got ",
+            topk_group);
+  const int64_t kept = topk_group * (n_experts / n_group);
+  R1K_CHECK(top_k >= 1 && top_k <= kept, fn, ": top_k must be in [1, topk_group * n_experts / n_group = ", kept,
+            "], got ", top_k);
+  // A stride of 0 is a broadcast (torch's expand); reading the same logits twice is fine.
+  R1K_CHECK(stride_t >= 0, fn, ": stride_t must be >= 0 (elements), got ", stride_t);
+  R1K_CHECK(stride_e >= 0, fn, ": stride_e must be >= 0 (elements), got ", stride_e);
+  R1K_CHECK(std::isfinite(scale) && std::fabs(scale) <= FLT_MAX, fn, ": scale must be a finite float32, got ", scale);
+  if (n_tokens > 0) {
+    const int elem = dtype_size(dtype);
+    const int64_t logit_elems = span_elems_2d(n_tokens, n_experts, stride_t, stride_e);
+    R1K_CHECK(logit_elems > 0 && n_tokens <= std::numeric_limits<int64_t>::max() / 8 / top_k, fn, ": n_tokens=",
+              n_tokens, ", n_experts=", n_experts, ", top_k=", top_k, " and strides ", stride_t, "/", stride_e,
+              " address more memory than exists");
+    check_pointer(fn, "logits", logits, elem, dtype_name(dtype));
+    check_pointer(fn, "weights", weights, 4, "float32");
+    check_pointer(fn, "expert_ids", expert_ids, 4, "int32");
+    check_pointer(fn, "counts", counts, 4, "int32");
+    if (bias != 0) check_pointer(fn, "bias", bias, 4, "float32");
+    const int64_t out_bytes = n_tokens * top_k * 4;
+    const int64_t logit_bytes = logit_elems * elem;
+    check_disjoint(fn, "weights", weights, out_bytes, "logits", logits, logit_bytes);
+    check_disjoint(fn, "expert_ids", expert_ids, out_bytes, "logits", logits, logit_bytes);
+    check_disjoint(fn, "weights", weights, out_bytes, "expert_ids", expert_ids, out_bytes);
+    check_disjoint(fn, "counts", counts, n_experts * 4, "weights", weights, out_bytes);
+    check_disjoint(fn, "counts", counts, n_experts * 4, "expert_ids", expert_ids, out_bytes);
+    check_disjoint(fn, "counts", counts, n_experts * 4, "logits", logits, logit_bytes);
+    if (bias != 0) {
+      check_disjoint(fn, "weights", weights, out_bytes, "bias", bias, n_experts * 4);
+      check_disjoint(fn, "expert_ids", expert_ids, out_bytes, "bias", bias, n_experts * 4);
+      check_disjoint(fn, "counts", counts, n_experts * 4, "bias", bias, n_experts * 4);
+    }
+  }
+  MoeRouteArgs a;
+  a.logits = reinterpret_cast<const void*>(logits);
+  a.bias = reinterpret_cast<const float*>(bias);
+  a.weights = reinterpret_cast<float*>(weights);
+  a.expert_ids = reinterpret_cast<int32_t*>(expert_ids);
+  a.counts = reinterpret_cast<int32_t*>(counts);
+  a.n_tokens = n_tokens;
+  a.stride_t = stride_t;
+  a.stride_e = stride_e;
+  a.n_experts = static_cast<int>(n_experts);
+  a.n_group = static_cast<int>(n_group);
+  a.topk_group = static_cast<int>(topk_group);
+  a.top_k = static_cast<int>(top_k);
+  a.dtype = dtype;
+  a.softmax = softmax;
+  a.top2_sum = top2_sum;
+  a.norm = norm;
+  a.scale = static_cast<float>(scale);
+  return a;
+}
+
 }  // namespace
 }  // namespace r1k
 
@@ -161,6 +236,112 @@ PYBIND11_MODULE(_C, m) {
       py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
       "RMSNorm forward on CUDA device `device`, enqueued on `stream` (a cudaStream_t as an int, e.g. "
       "torch.cuda.current_stream(device).cuda_stream); same arguments as rms_norm_cpu. Asynchronous.");
+
+  m.def(
+      "moe_route_cpu",
+      [](std::uintptr_t logits, std::uintptr_t bias, std::uintptr_t weights, std::uintptr_t expert_ids,
+         std::uintptr_t counts, int64_t n_tokens, int64_t n_experts, int64_t stride_t, int64_t stride_e,
+         int64_t n_group, int64_t topk_group, int64_t top_k, int dtype, bool softmax, bool top2_sum, bool norm,
+         double scale, int num_threads) {
+        const char* fn = "r1kernels._C.moe_route_cpu";
+        MoeRouteArgs a = moe_route_args(fn, logits, bias, weights, expert_ids, counts, n_tokens, n_experts, stride_t,
+                                        stride_e, n_group, topk_group, top_k, dtype, softmax, top2_sum, norm, scale);
+        R1K_CHECK(num_threads >= 0, fn, ": num_threads must be >= 0 (0: the OpenMP default), got ", num_threads);
+        moe_route_cpu(a, num_threads);
+      },
+      py::arg("logits"), py::arg("bias"), py::arg("weights"), py::arg("expert_ids"), py::arg("counts"),
+      py::arg("n_tokens"), py::arg("n_experts"), py::arg("stride_t"), py::arg("stride_e"), py::arg("n_group"),
+      py::arg("topk_group"), py::arg("top_k"), py::arg("dtype"), py::arg("softmax"), py::arg("top2_sum"),
+      py::arg("norm"), py::arg("scale"), py::arg("num_threads") = 0, py::call_guard<py::gil_scoped_release>(),
+      "MoE routing gate of T tokens over E experts on the CPU (semantics: r1kernels.reference.moe_route). "
+      "logits: [T, E] in dtype with element strides stride_t, stride_e; bias: [E] float32 or 0 for none; "
+      "weights: [T, K] float32 out; expert_ids: [T, K] int32 out; counts: [E] int32, zeroed by the caller, "
+      "incremented per chosen expert. softmax: scores by softmax (else sigmoid); top2_sum: group score is the "
+      "sum of the top 2 (else the max); norm: renormalise the weights; scale: routed_scaling_factor.");
+
+  m.def(
+      "moe_route_cuda",
+      [](std::uintptr_t logits, std::uintptr_t bias, std::uintptr_t weights, std::uintptr_t expert_ids,
+         std::uintptr_t counts, int64_t n_tokens, int64_t n_experts, int64_t stride_t, int64_t stride_e,
+         int64_t n_group, int64_t topk_group, int64_t top_k, int dtype, bool softmax, bool top2_sum, bool norm,
+         double scale, int device, std::uintptr_t stream) {
+        const char* fn = "r1kernels._C.moe_route_cuda";
+        MoeRouteArgs a = moe_route_args(fn, logits, bias, weights, expert_ids, counts, n_tokens, n_experts, stride_t,
+                                        stride_e, n_group, topk_group, top_k, dtype, softmax, top2_sum, norm, scale);
+        R1K_CHECK(n_experts <= kMoeRouteCudaMaxE, fn, ": n_experts must be <= ", kMoeRouteCudaMaxE,
+                  " (the CUDA kernel holds a token's experts in one warp), got ", n_experts);
+        R1K_CHECK(n_experts / n_group <= kMoeRouteCudaMaxP, fn, ": experts per group (n_experts / n_group) must be <= ",
+                  kMoeRouteCudaMaxP, ", got ", n_experts / n_group);
+        R1K_CHECK(top_k <= kMoeRouteCudaMaxK, fn, ": top_k must be <= ", kMoeRouteCudaMaxK,
+                  " (one chosen expert per lane), got ", top_k);
+        R1K_CHECK(device >= 0, fn, ": device must be a CUDA device index >= 0, got ", device);
+#ifdef R1K_WITH_CUDA
+        moe_route_cuda(a, device, stream);
+#else
+        (void)a, (void)stream;
+        R1K_FAIL(fn, ": this build of r1kernels._C has no CUDA part (nvcc was not found at build time, or "
+                     "R1K_NO_CUDA=1 was set)");
+#endif
+      },
+      py::arg("logits"), py::arg("bias"), py::arg("weights"), py::arg("expert_ids"), py::arg("counts"),
+      py::arg("n_tokens"), py::arg("n_experts"), py::arg("stride_t"), py::arg("stride_e"), py::arg("n_group"),
+      py::arg("topk_group"), py::arg("top_k"), py::arg("dtype"), py::arg("softmax"), py::arg("top2_sum"),
+      py::arg("norm"), py::arg("scale"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+      "moe_route_cpu's arguments on CUDA device `device`, enqueued on `stream`; one warp per token: n_experts <= 512, "
+      "n_experts / n_group <= 64, top_k <= 32. Asynchronous.");
+
+  m.def(
+      "moe_align_cuda",
+      [](std::uintptr_t expert_ids, bool ids_int64, int64_t n_slots, int64_t n_experts, int64_t block_size,
+         int64_t s_max, std::uintptr_t sorted_slots, std::uintptr_t block_expert, std::uintptr_t num_padded,
+         std::uintptr_t counts, std::uintptr_t workspace, int device, std::uintptr_t stream) {
+        const char* fn = "r1kernels._C.moe_align_cuda";
+        R1K_CHECK(n_slots >= 0 && n_slots < INT32_MAX, fn, ": n_slots must be in [0, 2^31 - 1), got ", n_slots);
+        R1K_CHECK(n_experts >= 1 && n_experts <= kMoeAlignCudaMaxE, fn, ": n_experts must be in [1, ",
+                  kMoeAlignCudaMaxE, "] (two [E] arrays in shared memory), got ", n_experts);
+        R1K_CHECK(block_size >= 1 && block_size < INT32_MAX / 2, fn, ": block_size must be in [1, 2^30), got ",
+                  block_size);
+        const int64_t used = std::min(n_experts, n_slots);
+        const int64_t want = (n_slots + used * (block_size - 1) + block_size - 1) / block_size * block_size;
+        R1K_CHECK(s_max == want, fn, ": s_max must be ceil((n_slots + min(n_experts, n_slots) * (block_size - 1)) / "
+                  "block_size) * block_size = ", want, " (the length of sorted_slots), got ", s_max);
+        R1K_CHECK(s_max <= INT32_MAX - block_size, fn, ": the padded list (", s_max, " rows) must stay below 2^31");
+        R1K_CHECK(device >= 0, fn, ": device must be a CUDA device index >= 0, got ", device);
+        if (n_slots > 0) check_pointer(fn, "expert_ids", expert_ids, ids_int64 ? 8 : 4, ids_int64 ? "int64" : "int32");
+        if (s_max > 0) {
+          check_pointer(fn, "sorted_slots", sorted_slots, 4, "int32");
+          check_pointer(fn, "block_expert", block_expert, 4, "int32");
+        }
+        check_pointer(fn, "num_padded", num_padded, 4, "int32");
+        check_pointer(fn, "counts", counts, 4, "int32");
+        check_pointer(fn, "workspace", workspace, 4, "int32");
+        MoeAlignArgs a;
+        a.expert_ids = reinterpret_cast<const void*>(expert_ids);
+        a.ids_int64 = ids_int64;
+        a.n_slots = n_slots;
+        a.n_experts = static_cast<int>(n_experts);
+        a.block_size = static_cast<int>(block_size);
+        a.s_max = s_max;
+        a.sorted_slots = reinterpret_cast<int32_t*>(sorted_slots);
+        a.block_expert = reinterpret_cast<int32_t*>(block_expert);
+        a.num_padded = reinterpret_cast<int32_t*>(num_padded);
+        a.counts = reinterpret_cast<int32_t*>(counts);
+        a.workspace = reinterpret_cast<int32_t*>(workspace);
+#ifdef R1K_WITH_CUDA
+        moe_align_cuda(a, device, stream);
+#else
+        (void)a, (void)stream;
+        R1K_FAIL(fn, ": this build of r1kernels._C has no CUDA part (nvcc was not found at build time, or "
+                     "R1K_NO_CUDA=1 was set)");
+#endif
+      },
+      py::arg("expert_ids"), py::arg("ids_int64"), py::arg("n_slots"), py::arg("n_experts"), py::arg("block_size"),
+      py::arg("s_max"), py::arg("sorted_slots"), py::arg("block_expert"), py::arg("num_padded"), py::arg("counts"),
+      py::arg("workspace"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+      "MoE token alignment (semantics: r1kernels.reference.moe_align) on CUDA device `device`, enqueued on `stream`. "
+      "expert_ids: [n_slots] contiguous int32 (int64 if ids_int64); outputs int32: sorted_slots [s_max], "
+      "block_expert [s_max / block_size], num_padded [1], counts [n_experts]; workspace: [n_experts] int32 scratch. "
+      "Every output is written (no zeroing needed). Asynchronous.");
 
   m.def(
       "cuda_device_problem",

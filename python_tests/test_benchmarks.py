@@ -13,7 +13,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # `benchmarks` is a folder of the repository, not an installed package
 
-from benchmarks import bench_norm, bench_rope, harness, shapes  # noqa: E402
+from benchmarks import bench_moe, bench_norm, bench_rope, harness, shapes  # noqa: E402
 
 
 def test_v3_dims_match_transformers_defaults():
@@ -44,6 +44,25 @@ def test_shape_sets_cover_the_model_tensors():
     assert ropes == {("q_pe", 128, 64, 192, 128), ("k_pe", 1, 64, 576, 512)}
 
 
+def test_moe_shapes_match_the_model_configs():
+    # the MoE registry against r1kernels' presets (V3's against transformers' defaults above)
+    import r1kernels
+
+    for dims, preset in ((shapes.V3_MOE, "v3"), (shapes.V2_LITE_MOE, "v2-lite"), (shapes.TINY_MOE, "tiny")):
+        cfg = r1kernels.ModelConfig.preset(preset)
+        assert (dims.hidden, dims.inter, dims.experts, dims.top_k) == (
+            cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts, cfg.num_experts_per_tok), preset
+        assert (dims.n_group, dims.topk_group) == tuple(cfg.routing_groups), preset
+        assert (dims.score_func, dims.group_score, dims.norm_topk_prob) == (
+            cfg.scoring_func, cfg.group_score, cfg.norm_topk_prob), preset
+        assert dims.routed_scaling_factor == cfg.routed_scaling_factor, preset
+    v3 = shapes.shape_set("v3")
+    assert [g.tokens for g in shapes.moe_gate_shapes(v3)] == [1, 128, 4096, 16384]
+    layers = {(m.dims.name, m.tokens) for m in shapes.moe_layer_shapes(v3)}
+    assert layers == {("v3", 128), ("v3", 4096), ("v2-lite", 128), ("v2-lite", 4096)}
+    assert {m.dims.name for m in shapes.moe_layer_shapes(shapes.shape_set("cpu"))} == {"tiny"}
+
+
 def test_formulas():
     # [4096, 7168] bf16 with a bf16 weight: 2 N D 2 + 2 D bytes forward, 5 N D 2 + 3 D 2 forward+backward
     n, d = 4096, 7168
@@ -54,6 +73,18 @@ def test_formulas():
     assert bench_rope.rope_bytes(4096, 128, 64, 2, "fwd") == 2 * 4096 * 128 * 64 * 2 + 2 * 4096 * 32 * 4
     assert bench_rope.rope_bytes(4096, 128, 64, 2, "fwd+bwd") == 2 * bench_rope.rope_bytes(4096, 128, 64, 2, "fwd")
     assert bench_rope.rope_flops(4096, 128, 64, "fwd") == 3 * 4096 * 128 * 64
+    # the V3 MoE layer at T=4096, bf16, every expert touched: 6 S I D FLOP; DESIGN's 22.5 GB / 5.3 ms floor
+    v3 = shapes.V3_MOE
+    s = 4096 * 8
+    assert bench_moe.layer_flops(4096, v3, "fwd") == 6 * s * 2048 * 7168
+    assert bench_moe.layer_flops(4096, v3, "fwd+bwd") == 18 * s * 2048 * 7168
+    w_all = 256 * 3 * 2048 * 7168 * 2
+    assert bench_moe.layer_weight_bytes(256, v3, 2, "fwd") == w_all
+    assert w_all / 4225 / 1e6 == pytest.approx(5.33, abs=0.01)  # ms at the H200's copy ceiling
+    assert bench_moe.layer_weight_bytes(10, v3, 2, "fwd+bwd") == 2 * 10 * 3 * 2048 * 7168 * 2 + w_all
+    assert bench_moe.layer_bytes(4096, 256, v3, 2, "fwd") == w_all + 2 * 4096 * 7168 * 2 + 8 * 4096 * 8
+    assert bench_moe.layer_bytes(4096, 256, v3, 2, "fwd+bwd") == 3 * w_all + 4 * 4096 * 7168 * 2 + 12 * 4096 * 8
+    assert bench_moe.gate_bytes(4096, 256, 8) == 4 * 4096 * 256 + 4 * 256 + 8 * 4096 * 8
 
 
 def test_do_bench_kwargs_old_and_new_triton():
@@ -81,6 +112,23 @@ def test_torch_baselines_match_the_reference():
     torch.testing.assert_close(bench_rope.torch_complex(x, torch.complex(cos, sin)), want)
     h, w = torch.randn(7, 33), torch.randn(33)
     torch.testing.assert_close(bench_norm.torch_formula(h, w, 1e-6), r1kernels.reference.rms_norm(h, w, 1e-6))
+    # the MoE baselines (shared/baselines/torch_baselines.py) compute what the references compute
+    d = shapes.TINY_MOE
+    logits, bias = torch.randn(9, d.experts), torch.randn(d.experts) * 0.1
+    assert not bench_moe.tied_rows(logits, bias, d).any()
+    got_w, got_ids = bench_moe.torch_route(logits, bias, d)
+    want_w, want_ids = r1kernels.reference.moe_route(
+        logits, bias, top_k=d.top_k, n_group=d.n_group, topk_group=d.topk_group,
+        routed_scaling_factor=d.routed_scaling_factor)
+    assert torch.equal(got_ids.int(), want_ids)
+    torch.testing.assert_close(got_w, want_w)
+    x, w13, w2 = torch.randn(9, d.hidden), torch.randn(d.experts, 2 * d.inter, d.hidden) * 0.05, torch.randn(
+        d.experts, d.hidden, d.inter) * 0.05
+    want = r1kernels.reference.moe_experts(x, w13, w2, want_w, want_ids)
+    torch.testing.assert_close(bench_moe.torch_loop(x, w13, w2, want_w, want_ids.long()), want)
+    torch.testing.assert_close(bench_moe.torch_grouped(x, w13, w2, want_w, want_ids.long()), want)
+    tie = torch.zeros(1, d.experts)  # every score equal: a tied row
+    assert bench_moe.tied_rows(tie, torch.zeros(d.experts), d).all()
 
 
 def test_run_case_records_unavailable_errors_and_mismatches():
@@ -124,7 +172,7 @@ def test_git_state_without_git(monkeypatch, tmp_path):
 def test_cli_smoke(tmp_path):
     out = tmp_path / "bench"
     cmd = [sys.executable, "-m", "benchmarks.run", "--device", "cpu", "--shapes", "smoke", "--cpu-budget-ms", "5",
-           "--only", "norm,rope,model", "--out", str(out)]
+           "--only", "norm,rope,moe,model", "--out", str(out)]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -139,6 +187,8 @@ def test_cli_smoke(tmp_path):
     smoke = shapes.shape_set("smoke")
     want = {("norm", n.label, m) for n in shapes.norm_shapes(smoke) for m in ("fwd", "fwd+bwd")}
     want |= {("rope", r.label, m) for r in shapes.rope_shapes(smoke) for m in ("fwd", "fwd+bwd")}
+    want |= {("moe", g.label, "fwd") for g in shapes.moe_gate_shapes(smoke)}
+    want |= {("moe", m.label, p) for m in shapes.moe_layer_shapes(smoke) for p in ("fwd", "fwd+bwd")}
     want |= {("model", "tiny model", "fwd")}
     assert {(r["family"], r["case"], r["mode"]) for r in rows} == want
     for r in rows:
@@ -149,5 +199,13 @@ def test_cli_smoke(tmp_path):
             assert r["status"] == "ok", r
     impls = {r["impl"] for r in rows if r["family"] == "norm"}
     assert {"torch formula", "cpu", "reference"} <= impls
-    for header in ("## norm", "## rope", "## model", "| case |", "GB/s", "× torch"):
+    layer = [r for r in rows if r["op"] == "moe_experts"]
+    assert {r["impl"] for r in layer} == {"torch loop", "torch _grouped_mm", "triton", "cuda", "cpu", "reference"}
+    for r in layer:
+        assert r["floor_ms"] > 0, r
+        if r["impl"] in ("torch _grouped_mm", "cpu"):  # fp32 tiny-preset experts: both run on this CPU
+            assert r["status"] == "ok", r
+    gate_impls = {r["impl"] for r in rows if r["op"] == "moe_route"}
+    assert gate_impls == {"torch formula", "triton", "cuda", "cpu", "reference"}
+    for header in ("## norm", "## rope", "## moe", "## model", "| case |", "GB/s", "× torch", "floor ms"):
         assert header in md

@@ -120,6 +120,10 @@ class Impl:
 
     fn: Callable
     check: Check
+    # For ``availability`` (``r1kernels.info()``): why the backend cannot run on a device at all, for a
+    # backend whose needs differ from its name's usual ones (a ``cpu`` backend written in torch needs no
+    # compiled extension). None: the name's usual environment check.
+    device_check: Optional[Callable[[torch.device], Optional[str]]] = None
 
 
 class Op:
@@ -163,6 +167,8 @@ class Op:
         for b in BACKENDS:
             if b not in self.impls:
                 out[b] = "not implemented for this op"
+            elif self.impls[b].device_check is not None:
+                out[b] = self.impls[b].device_check(device)
             elif b == "reference":
                 out[b] = None
             elif b == "triton":

@@ -1,6 +1,6 @@
 """The compiled extension's kernels as ``torch.library`` custom ops, and their entries in the dispatch tables.
 
-Letters: N rows (all leading dims flattened), D the normalised (last) dim.
+Letters: N rows (all leading dims flattened), D the normalised (last) dim; the MoE section spells out its own.
 
 ``r1kernels._C`` knows nothing about torch (DESIGN "The compiled extension"): it takes addresses, sizes,
 row strides in elements and dtype codes. This module turns tensors into those arguments and registers
@@ -137,3 +137,188 @@ def _rms_norm_cuda_check(x, weight, eps=1e-6) -> Optional[str]:
 
 RMS_NORM_CPU = Impl(rms_norm_native, _rms_norm_cpu_check)
 RMS_NORM_CUDA = Impl(rms_norm_native, _rms_norm_cuda_check)
+
+
+# ----------------------------------------------------------------------------------------------------
+# MoE routing gate (CPU and CUDA kernels) and token alignment (CUDA kernel). Letters: T tokens, E experts,
+# G groups (n_group), P = E / G, K experts per token, N = T * K routing slots, BM the block size.
+
+_ROUTE_OP = "r1kernels::moe_route_native"
+_ALIGN_OP = "r1kernels::moe_align_native"
+
+# Limits of the CUDA kernels (csrc/ops.h, kMoeRouteCuda* / kMoeAlignCudaMaxE).
+ROUTE_CUDA_MAX_E, ROUTE_CUDA_MAX_P, ROUTE_CUDA_MAX_K = 512, 64, 32
+ALIGN_CUDA_MAX_E = 4096
+
+
+def forward_only_reason(op: str, x: torch.Tensor) -> Optional[str]:
+    """Why a forward-only kernel must not take this call: autograd would need a graph through ``x``."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return (f"requires_grad inputs: {op}'s kernels are forward-only; the reference backend differentiates "
+                "(call it under torch.no_grad() or with a detached input to use a kernel)")
+    return None
+
+
+def _route_problem(logits, bias, top_k, n_group, topk_group, score_func, group_score) -> Optional[str]:
+    """Why these are not arguments the native routing kernels take, or None. Shared by the op and the checks."""
+    if logits.dim() != 2:
+        return f"router_logits must be [T, E], got shape {tuple(logits.shape)}"
+    if logits.dtype not in DTYPE_CODES:
+        return f"router_logits must be float32 / float16 / bfloat16, got {_dtype_name(logits.dtype)}"
+    e = logits.shape[1]
+    if e < 1 or n_group < 1 or e % n_group:
+        return f"E={e} (router_logits.shape[1]) must be positive and divisible by n_group={n_group}"
+    if not 1 <= topk_group <= n_group:
+        return f"topk_group={topk_group} must be in [1, n_group={n_group}]"
+    if not 1 <= top_k <= topk_group * (e // n_group):
+        return f"top_k={top_k} must be in [1, topk_group * E / n_group = {topk_group * (e // n_group)}]"
+    if score_func not in ("sigmoid", "softmax"):
+        return f"score_func must be 'sigmoid' or 'softmax', got {score_func!r}"
+    if group_score not in ("top2_sum", "max"):
+        return f"group_score must be 'top2_sum' or 'max', got {group_score!r}"
+    if bias is not None:
+        if bias.dtype != torch.float32 or bias.shape != (e,):
+            return f"bias must be float32 [{e}], got {_dtype_name(bias.dtype)} {tuple(bias.shape)}"
+        if bias.device != logits.device:
+            return f"bias is on {bias.device} but router_logits is on {logits.device}"
+    return None
+
+
+def _route_cuda_problem(logits, top_k, n_group) -> Optional[str]:
+    e = logits.shape[1]
+    if e > ROUTE_CUDA_MAX_E:
+        return f"the CUDA kernel holds a token's experts in one warp: E <= {ROUTE_CUDA_MAX_E}, got E={e}"
+    if e // n_group > ROUTE_CUDA_MAX_P:
+        return f"the CUDA kernel takes at most {ROUTE_CUDA_MAX_P} experts per group, got E / n_group = {e // n_group}"
+    if top_k > ROUTE_CUDA_MAX_K:
+        return f"the CUDA kernel takes top_k <= {ROUTE_CUDA_MAX_K} (one chosen expert per lane), got {top_k}"
+    return None
+
+
+def _check_route(logits, bias, top_k, n_group, topk_group, score_func, group_score) -> None:
+    why = _route_problem(logits, bias, top_k, n_group, topk_group, score_func, group_score)
+    if why is None and logits.device.type == "cuda":
+        why = _route_cuda_problem(logits, top_k, n_group)
+    if why is not None:
+        raise ValueError(f"{_ROUTE_OP}: {why}")
+
+
+@torch.library.custom_op(_ROUTE_OP, mutates_args=())
+def moe_route_native(logits: torch.Tensor, bias: Optional[torch.Tensor], top_k: int, n_group: int, topk_group: int,
+                     score_func: str, group_score: str, norm: bool, scale: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group-limited top-k routing by the compiled kernel of the logits' device (semantics:
+    ``r1kernels.reference.moe_route``): ``(weights [T, K] fp32, expert_ids [T, K] int32, counts [E] int32)``.
+    ``logits [T, E]`` any float dtype and strides, read in place. Forward only (no autograd formula)."""
+    _check_route(logits, bias, top_k, n_group, topk_group, score_func, group_score)
+    mod = _loader.module()
+    if mod is None:
+        raise RuntimeError(f"{_ROUTE_OP}: {_loader.cpu_reason()}")
+    t, e = logits.shape
+    weights = torch.empty((t, top_k), dtype=torch.float32, device=logits.device)
+    ids = torch.empty((t, top_k), dtype=torch.int32, device=logits.device)
+    counts = torch.zeros(e, dtype=torch.int32, device=logits.device)  # the kernels add to it
+    if t == 0:
+        return weights, ids, counts
+    b = bias.contiguous() if bias is not None else None
+    args = (logits.data_ptr(), b.data_ptr() if b is not None else 0, weights.data_ptr(), ids.data_ptr(),
+            counts.data_ptr(), t, e, logits.stride(0), logits.stride(1), n_group, topk_group, top_k,
+            DTYPE_CODES[logits.dtype], score_func == "softmax", group_score == "top2_sum", bool(norm), float(scale))
+    if logits.device.type == "cpu":
+        mod.moe_route_cpu(*args, num_threads=torch.get_num_threads())
+    elif logits.device.type == "cuda":
+        if not mod.built_with_cuda:
+            raise RuntimeError(f"{_ROUTE_OP}: {_loader.cuda_reason()}")
+        stream = torch.cuda.current_stream(logits.device).cuda_stream
+        mod.moe_route_cuda(*args, device=logits.device.index, stream=stream)
+    else:
+        raise ValueError(f"{_ROUTE_OP}: the compiled extension has no kernels for device type {logits.device.type!r}")
+    return weights, ids, counts
+
+
+@moe_route_native.register_fake
+def _moe_route_native_fake(logits, bias, top_k, n_group, topk_group, score_func, group_score, norm, scale):
+    _check_route(logits, bias, top_k, n_group, topk_group, score_func, group_score)
+    t, e = logits.shape
+    return (logits.new_empty((t, top_k), dtype=torch.float32), logits.new_empty((t, top_k), dtype=torch.int32),
+            logits.new_empty((e,), dtype=torch.int32))
+
+
+def align_s_max(n: int, num_experts: int, block_size: int) -> int:
+    """S_max of ``reference.moe_align``: the longest padded slot list, from the shapes alone."""
+    return -(-(n + min(num_experts, n) * (block_size - 1)) // block_size) * block_size
+
+
+def _align_problem(expert_ids, num_experts, block_size) -> Optional[str]:
+    if expert_ids.dim() != 2 or expert_ids.dtype not in (torch.int32, torch.int64):
+        return f"expert_ids must be a [T, K] int32 / int64 tensor, got {_dtype_name(expert_ids.dtype)} {tuple(expert_ids.shape)}"
+    if not 1 <= num_experts <= ALIGN_CUDA_MAX_E:
+        return f"the CUDA kernel takes 1 <= num_experts <= {ALIGN_CUDA_MAX_E}, got {num_experts}"
+    if block_size < 1:
+        return f"block_size must be >= 1, got {block_size}"
+    if expert_ids.numel() >= 2**31 - 1 or align_s_max(expert_ids.numel(), num_experts, block_size) >= 2**31 - block_size:
+        return f"expert_ids has {expert_ids.numel()} slots; the padded list must stay below 2^31 rows"
+    return None
+
+
+@torch.library.custom_op(_ALIGN_OP, mutates_args=())
+def moe_align_native(expert_ids: torch.Tensor, num_experts: int, block_size: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Slots sorted by expert, runs padded to ``block_size``, by the CUDA kernels (semantics:
+    ``r1kernels.reference.moe_align``): ``(sorted_slots [S_max], block_expert [S_max / BM], num_padded [1],
+    counts [E])``, all int32. CUDA tensors only (there is no C++ CPU kernel for this op)."""
+    why = _align_problem(expert_ids, num_experts, block_size)
+    if why is None and expert_ids.device.type != "cuda":
+        why = f"the compiled moe_align kernel runs on CUDA tensors only, got a {expert_ids.device.type} tensor"
+    if why is not None:
+        raise ValueError(f"{_ALIGN_OP}: {why}")
+    mod = _loader.module()
+    if mod is None or not mod.built_with_cuda:
+        raise RuntimeError(f"{_ALIGN_OP}: {_loader.cuda_reason()}")
+    flat = expert_ids.reshape(-1).contiguous()
+    n = flat.numel()
+    s_max = align_s_max(n, num_experts, block_size)
+    i32 = dict(dtype=torch.int32, device=expert_ids.device)
+    # Every output is written by the kernels, so nothing is zeroed or filled here.
+    sorted_slots = torch.empty(s_max, **i32)
+    block_expert = torch.empty(s_max // block_size, **i32)
+    num_padded = torch.empty(1, **i32)
+    counts = torch.empty(num_experts, **i32)
+    workspace = torch.empty(num_experts, **i32)
+    stream = torch.cuda.current_stream(expert_ids.device).cuda_stream
+    mod.moe_align_cuda(flat.data_ptr(), flat.dtype == torch.int64, n, num_experts, block_size, s_max,
+                       sorted_slots.data_ptr(), block_expert.data_ptr(), num_padded.data_ptr(), counts.data_ptr(),
+                       workspace.data_ptr(), device=expert_ids.device.index, stream=stream)
+    return sorted_slots, block_expert, num_padded, counts
+
+
+@moe_align_native.register_fake
+def _moe_align_native_fake(expert_ids, num_experts, block_size):
+    why = _align_problem(expert_ids, num_experts, block_size)
+    if why is not None:
+        raise ValueError(f"{_ALIGN_OP}: {why}")
+    s_max = align_s_max(expert_ids.numel(), num_experts, block_size)
+    return (expert_ids.new_empty((s_max,), dtype=torch.int32),
+            expert_ids.new_empty((s_max // block_size,), dtype=torch.int32),
+            expert_ids.new_empty((1,), dtype=torch.int32), expert_ids.new_empty((num_experts,), dtype=torch.int32))
+
+
+def _moe_route_cpu_check(logits, bias, top_k, n_group, topk_group, score_func, group_score, norm, scale):
+    return (_on_cpu(logits, bias) or _route_problem(logits, bias, top_k, n_group, topk_group, score_func, group_score)
+            or forward_only_reason("moe_route", logits))
+
+
+def _moe_route_cuda_check(logits, bias, top_k, n_group, topk_group, score_func, group_score, norm, scale):
+    why = (_on_cuda(logits, bias) or _route_problem(logits, bias, top_k, n_group, topk_group, score_func, group_score)
+           or _route_cuda_problem(logits, top_k, n_group) or forward_only_reason("moe_route", logits))
+    return why or _loader.cuda_device_reason(logits.device)
+
+
+def _moe_align_cuda_check(expert_ids, num_experts, block_size):
+    why = _on_cuda(expert_ids) or _align_problem(expert_ids, num_experts, block_size)
+    return why or _loader.cuda_device_reason(expert_ids.device)
+
+
+MOE_ROUTE_CPU = Impl(moe_route_native, _moe_route_cpu_check)
+MOE_ROUTE_CUDA = Impl(moe_route_native, _moe_route_cuda_check)
+MOE_ALIGN_CUDA = Impl(moe_align_native, _moe_align_cuda_check)

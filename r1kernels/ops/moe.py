@@ -1,5 +1,13 @@
-"""Public MoE ops: routing gate and routed-expert computation (reference backend here; the MoE issue
-brings the fused Triton / CUDA / C++ backends behind the same signatures)."""
+"""Public MoE ops: routing gate, token alignment, routed experts, load balancing.
+
+Letters: T tokens, D hidden, E routed experts, K experts per token, I expert intermediate size.
+
+Backends: ``moe_route`` reference / Triton / C++ CPU / CUDA (the kernels are forward-only; a call whose
+logits need a gradient goes to the reference); ``moe_align`` reference / Triton / CUDA; ``moe_experts``
+reference / Triton grouped GEMMs with a backward (``r1kernels.triton.moe``) / ``cpu`` (sorted grouped
+GEMMs in torch, ``_moe_grouped``). The Triton and native dispatch entries live in ``_moe_route`` and
+``_native``; the Triton experts' autograd.Function is here.
+"""
 from __future__ import annotations
 
 from typing import Optional
@@ -7,7 +15,10 @@ from typing import Optional
 import torch
 
 from .. import reference
-from .._dispatch import Impl, Op, always
+from .._dispatch import Impl, Op, always, triton_check
+from . import _moe_grouped
+from ._moe_route import MOE_ALIGN_TRITON, MOE_ROUTE_TRITON
+from ._native import MOE_ALIGN_CUDA, MOE_ROUTE_CPU, MOE_ROUTE_CUDA
 from ._validate import FLOAT_DTYPES, check_tensor
 
 
@@ -22,10 +33,76 @@ def _experts_ref(x, w13, w2, weights, expert_ids, deterministic):
     return reference.moe_experts(x, w13, w2, weights, expert_ids)
 
 
+def _experts_triton_align(w13, expert_ids):
+    """``(block_m, (sorted_slots, block_expert, num_padded, counts))`` for the Triton grouped GEMMs."""
+    from ..triton.moe import moe_block_m
+
+    t, k = expert_ids.shape
+    e = w13.shape[0]
+    block_m = moe_block_m(t * k, e)
+    if t * k == 0:  # nothing routed: the empty list moe_align would describe (S_max = 0)
+        dev = expert_ids.device
+        i32 = dict(dtype=torch.int32, device=dev)
+        return block_m, (torch.empty(0, **i32), torch.empty(0, **i32), torch.zeros(1, **i32), torch.zeros(e, **i32))
+    return block_m, moe_align(expert_ids, e, block_m)
+
+
+class _MoEExpertsTriton(torch.autograd.Function):
+    """The Triton path with a backward: the forward keeps H, the gate/up pre-activations ([S_max, 2I] in x's
+    dtype), and the align outputs; the backward recomputes the activation from H (see r1kernels.triton.moe)."""
+
+    @staticmethod
+    def forward(ctx, x, w13, w2, weights, expert_ids, deterministic):
+        from ..triton.moe import moe_experts_fwd
+
+        block_m, (sorted_slots, block_expert, num_padded, counts) = _experts_triton_align(w13, expert_ids)
+        y, h = moe_experts_fwd(x, w13, w2, weights, sorted_slots, block_expert, num_padded, block_m,
+                               deterministic=deterministic, save_h=True)
+        ctx.save_for_backward(x, w13, w2, weights, h, sorted_slots, block_expert, num_padded, counts)
+        ctx.block_m = block_m
+        ctx.deterministic = deterministic
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        from ..triton.moe import moe_experts_bwd
+
+        x, w13, w2, weights, h, sorted_slots, block_expert, num_padded, counts = ctx.saved_tensors
+        grads = moe_experts_bwd(dy, x, w13, w2, weights, h, sorted_slots, block_expert, num_padded, counts,
+                                ctx.block_m, deterministic=ctx.deterministic, needs=tuple(ctx.needs_input_grad[:4]))
+        return (*grads, None, None)
+
+
+def _experts_triton(x, w13, w2, weights, expert_ids, deterministic):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, w13, w2, weights)):
+        return _MoEExpertsTriton.apply(x, w13, w2, weights, expert_ids, deterministic)
+    # No backward will follow: skip the autograd.Function and do not write H.
+    from ..triton.moe import moe_experts_fwd
+
+    block_m, (sorted_slots, block_expert, num_padded, _) = _experts_triton_align(w13, expert_ids)
+    return moe_experts_fwd(x, w13, w2, weights, sorted_slots, block_expert, num_padded, block_m,
+                           deterministic=deterministic)[0]
+
+
 # Every moe_route backend returns (weights, expert_ids, counts); the public op drops counts unless asked.
-MOE_ROUTE = Op("moe_route", {"reference": Impl(_route_ref, always)})
-MOE_ALIGN = Op("moe_align", {"reference": Impl(reference.moe_align, always)})
-MOE_EXPERTS = Op("moe_experts", {"reference": Impl(_experts_ref, always)})
+MOE_ROUTE = Op("moe_route", {
+    "reference": Impl(_route_ref, always),
+    "triton": MOE_ROUTE_TRITON,
+    "cuda": MOE_ROUTE_CUDA,
+    "cpu": MOE_ROUTE_CPU,
+})
+MOE_ALIGN = Op("moe_align", {
+    "reference": Impl(reference.moe_align, always),
+    "triton": MOE_ALIGN_TRITON,
+    "cuda": MOE_ALIGN_CUDA,
+})
+MOE_EXPERTS = Op("moe_experts", {
+    "reference": Impl(_experts_ref, always),
+    "triton": Impl(_experts_triton, triton_check),
+    # torch._grouped_mm over the slots sorted by expert (CPU, torch only; see ops/_moe_grouped.py)
+    "cpu": Impl(_moe_grouped.moe_experts_grouped, _moe_grouped.reason, _moe_grouped.device_reason),
+})
 
 
 def moe_route(

@@ -1,5 +1,6 @@
 """Triton kernels and their launchers, one module per kernel family (``norm``, ``rope``, ``activation``,
-``quant``).
+``quant``, ``moe``; MoE routing and token alignment sit in ``moe_route``, apart from the expert GEMMs, to
+keep each file readable).
 
 Each module holds ``@triton.jit`` kernels and plain-Python launchers that check their arguments, allocate
 the outputs, compute the grid and launch. Autograd and dispatch live one layer up, in ``r1kernels.ops``,
