@@ -61,11 +61,10 @@ class LatentKVCache:
         """``[B, S]`` absolute positions of the next ``new_tokens`` tokens of each request."""
         return self.seqlens[:, None].long() + torch.arange(new_tokens, device=self.seqlens.device)
 
-    def write(self, layer: int, rows: torch.Tensor) -> None:
-        """Store ``rows [B, S, C]`` at positions ``seqlens + [0, S)`` of ``layer`` (not yet committed)."""
-        pos = self.positions(rows.shape[1])  # [B, S]
-        page = self.block_table.long().gather(1, pos // self.page_size)  # [B, S]
-        self.kv[layer, page, pos % self.page_size] = rows.to(self.kv.dtype)
+    def write(self, layer: int, c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
+        """Store the rows ``[c_kv [B, S, L], k_pe [B, S, R]]`` at positions ``seqlens + [0, S)`` of ``layer``
+        (not yet committed)."""
+        ops.mla_cache_append(self.kv[layer], self.block_table, self.seqlens, c_kv, k_pe)
 
     def advance(self, new_tokens: int) -> None:
         self.seqlens += new_tokens
@@ -131,7 +130,7 @@ class MLA(nn.Module):
         w_uk, w_uv = w[:, :dn], w[:, dn:]  # [H, Dn, L], [H, Dv, L]
         q_lat = torch.einsum("bshn,hnl->bshl", q_nope, w_uk)  # [B, S, H, L]: W_UK absorbed into the query
         q_full = torch.cat([q_lat, q_pe], dim=-1)  # [B, S, H, C]
-        cache.write(layer_idx, torch.cat([c_kv, k_pe.squeeze(2)], dim=-1))  # [B, S, C]
+        cache.write(layer_idx, c_kv, k_pe.squeeze(2))
         o_lat, _ = ops.mla_decode(q_full.to(cache.kv.dtype), cache.kv[layer_idx], cache.block_table,
                                   cache.seqlens + s, softmax_scale=self.softmax_scale, causal=True, head_dim_v=lr)
         o = torch.einsum("bshl,hvl->bshv", o_lat.to(x.dtype), w_uv)  # [B, S, H, Dv]: W_UV absorbed into the output

@@ -23,6 +23,7 @@ def _decode_ref(q, kv_cache, block_table, cache_seqlens, scale, causal, head_dim
 
 
 MLA_ATTENTION = Op("mla_attention", {"reference": Impl(_attn_ref, always)})
+MLA_CACHE_APPEND = Op("mla_cache_append", {"reference": Impl(reference.mla_cache_append, always)})
 MLA_DECODE = Op("mla_decode", {"reference": Impl(_decode_ref, always)})
 
 
@@ -87,3 +88,31 @@ def mla_decode(
         raise ValueError(f"r1kernels.ops.mla_decode: head_dim_v={head_dim_v} must be in (0, C={c}]")
     return MLA_DECODE(backend, q, kv_cache, block_table, cache_seqlens, float(softmax_scale), bool(causal),
                       int(head_dim_v))
+
+
+def mla_cache_append(
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    c_kv: torch.Tensor,
+    k_pe: torch.Tensor,
+    *,
+    backend: str = "auto",
+) -> None:
+    """Write S new tokens' latent rows ``[c_kv, k_pe]`` into the paged cache in place (see the reference).
+
+    Args:
+        kv_cache: ``[N, P, C]`` with C = L + R; block_table: ``[B, M]`` int32;
+        cache_seqlens: ``[B]`` int32 tokens cached before the new ones;
+        c_kv: ``[B, S, L]`` normalised latents; k_pe: ``[B, S, R]`` rotated keys (float, any strides).
+    """
+    check_tensor("mla_cache_append", "kv_cache", kv_cache, ndim=3, dtypes=FLOAT_DTYPES)
+    check_tensor("mla_cache_append", "c_kv", c_kv, ndim=3, dtypes=FLOAT_DTYPES, device=kv_cache.device)
+    b, s, lr = c_kv.shape
+    check_tensor("mla_cache_append", "k_pe", k_pe, shape=(b, s, kv_cache.shape[2] - lr), dtypes=FLOAT_DTYPES,
+                 device=kv_cache.device)
+    check_tensor("mla_cache_append", "block_table", block_table, shape=(b, None), dtypes=(torch.int32,),
+                 device=kv_cache.device)
+    check_tensor("mla_cache_append", "cache_seqlens", cache_seqlens, shape=(b,), dtypes=(torch.int32,),
+                 device=kv_cache.device)
+    MLA_CACHE_APPEND(backend, kv_cache, block_table, cache_seqlens, c_kv, k_pe)

@@ -4,14 +4,14 @@ They run on any device in fp32 (and in the input dtype where noted), have no dep
 favour clarity over speed. Tests and benchmarks import them from here; nobody copies them.
 """
 from .activation import swiglu, swiglu_backward
-from .mla import mla_attention, mla_decode
+from .mla import mla_attention, mla_cache_append, mla_decode
 from .moe import expert_counts, moe_align, moe_experts, moe_route, sequence_balance_loss, update_routing_bias
 from .norm import rms_norm, rms_norm_backward
 from .quant import fp8_block_dequant
 from .rope import apply_rope, rope_cos_sin, rope_inv_freq, yarn_get_mscale
 
 __all__ = [
-    "apply_rope", "expert_counts", "fp8_block_dequant", "moe_align", "sequence_balance_loss", "update_routing_bias", "mla_attention", "mla_decode", "moe_experts", "moe_route",
+    "apply_rope", "expert_counts", "fp8_block_dequant", "moe_align", "sequence_balance_loss", "update_routing_bias", "mla_attention", "mla_cache_append", "mla_decode", "moe_experts", "moe_route",
     "rms_norm", "rms_norm_backward", "rope_cos_sin", "rope_inv_freq", "swiglu", "swiglu_backward",
     "yarn_get_mscale",
 ]

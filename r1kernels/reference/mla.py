@@ -2,7 +2,7 @@
 
 Letters: T packed tokens, B sequences / requests, H heads, Dqk query/key head dim (qk_nope + qk_rope,
 192 in V3), Dv value head dim (128), L = kv_lora_rank (512), R = qk_rope_head_dim (64), C = L + R (576),
-N cache pages, P page size, M pages per request, Sq new query tokens per request.
+N cache pages, P page size, M pages per request, Sq new query tokens per request, S new tokens per request.
 """
 from __future__ import annotations
 
@@ -103,3 +103,29 @@ def mla_decode(
         out[i] = o.transpose(0, 1)  # [H, Sq, L] -> [Sq, H, L]
         lse[i] = l
     return out.to(q.dtype), lse
+
+
+def mla_cache_append(
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    c_kv: torch.Tensor,
+    k_pe: torch.Tensor,
+) -> None:
+    """Write the latent rows of S new tokens per request into the paged cache, in place.
+
+    Args:
+        kv_cache: ``[N, P, C]`` pages (C = L + R), written in place.
+        block_table: ``[B, M]`` int32 page ids of each request.
+        cache_seqlens: ``[B]`` int32 tokens already cached per request, *before* the new ones: token s of
+            request b goes to position ``cache_seqlens[b] + s``, i.e. page ``block_table[b, pos // P]``,
+            row ``pos % P``.
+        c_kv: ``[B, S, L]`` the normalised latents (any float dtype; cast to the cache's dtype).
+        k_pe: ``[B, S, R]`` the rotated decoupled keys.
+    The caller keeps positions inside the pages its block table owns (no check: that would sync).
+    """
+    b, s, lr = c_kv.shape
+    page = kv_cache.shape[1]
+    pos = cache_seqlens.long()[:, None] + torch.arange(s, device=c_kv.device)  # [B, S]
+    pages = block_table.long().gather(1, pos // page)  # [B, S]
+    kv_cache[pages, pos % page] = torch.cat([c_kv, k_pe], dim=-1).to(kv_cache.dtype)
