@@ -171,6 +171,96 @@ MoeRouteArgs moe_route_args(const char* fn, std::uintptr_t logits, std::uintptr_
   return a;
 }
 
+MlaDecodeArgs mla_decode_args(const char* fn, std::uintptr_t q, std::uintptr_t kv, std::uintptr_t block_table,
+                              std::uintptr_t cache_seqlens, std::uintptr_t out, std::uintptr_t lse,
+                              std::uintptr_t ws_out, std::uintptr_t ws_lse, int64_t batch, int64_t sq, int64_t heads,
+                              int64_t head_dim, int64_t head_dim_v, int64_t num_pages, int64_t page_size,
+                              int64_t max_pages, int64_t kv_page_stride, int64_t kv_row_stride, int64_t bt_stride,
+                              int64_t num_splits, int dtype, bool causal, double softmax_scale) {
+  R1K_CHECK(dtype == kFloat16 || dtype == kBFloat16, fn, ": dtype must be 1 (float16) or 2 (bfloat16), got ", dtype);
+  R1K_CHECK(head_dim == kMlaCudaHeadDim, fn, ": head_dim (C) must be ", kMlaCudaHeadDim, ", got ", head_dim);
+  R1K_CHECK(head_dim_v == kMlaCudaHeadDimV, fn, ": head_dim_v (Dv) must be ", kMlaCudaHeadDimV, ", got ", head_dim_v);
+  R1K_CHECK(batch >= 0 && batch <= 65535, fn, ": batch must be in [0, 65535] (the CUDA grid limit), got ", batch);
+  R1K_CHECK(sq >= 0, fn, ": sq must be >= 0, got ", sq);
+  R1K_CHECK(heads >= 0, fn, ": heads must be >= 0, got ", heads);
+  R1K_CHECK(sq == 0 || heads <= (INT32_MAX / 2) / sq, fn, ": sq * heads must be < 2^30, got sq=", sq,
+            ", heads=", heads);
+  R1K_CHECK(num_pages >= 1 && num_pages <= INT32_MAX, fn, ": num_pages must be in [1, 2^31), got ", num_pages);
+  R1K_CHECK(page_size >= 1 && page_size <= INT32_MAX, fn, ": page_size must be in [1, 2^31), got ", page_size);
+  R1K_CHECK(max_pages >= 1 && max_pages <= INT32_MAX / page_size, fn,
+            ": max_pages must be >= 1 with max_pages * page_size < 2^31, got max_pages=", max_pages,
+            ", page_size=", page_size);
+  R1K_CHECK(kv_row_stride >= head_dim && kv_row_stride % 8 == 0, fn,
+            ": kv_row_stride must be >= head_dim and a multiple of 8 elements (16-byte rows), got ", kv_row_stride);
+  R1K_CHECK(kv_page_stride >= 0 && kv_page_stride % 8 == 0, fn,
+            ": kv_page_stride must be >= 0 and a multiple of 8 elements, got ", kv_page_stride);
+  R1K_CHECK(bt_stride >= max_pages, fn, ": bt_stride must be >= max_pages (", max_pages, "), got ", bt_stride);
+  R1K_CHECK(num_splits >= 1 && num_splits <= kMlaCudaMaxSplits, fn, ": num_splits must be in [1, ",
+            kMlaCudaMaxSplits, "], got ", num_splits);
+  R1K_CHECK(std::isfinite(softmax_scale) && std::fabs(softmax_scale) <= FLT_MAX, fn,
+            ": softmax_scale must be a finite float32, got ", softmax_scale);
+  const int64_t max_elems = std::numeric_limits<int64_t>::max() / 16;
+  R1K_CHECK(kv_row_stride <= max_elems / page_size, fn, ": page_size=", page_size, " and kv_row_stride=",
+            kv_row_stride, " address more memory than exists");
+  const int64_t kv_elems = span_elems_2d(num_pages, (page_size - 1) * kv_row_stride + head_dim, kv_page_stride, 1);
+  R1K_CHECK(kv_elems > 0, fn, ": num_pages=", num_pages, ", page_size=", page_size, " and strides ", kv_page_stride,
+            "/", kv_row_stride, " address more memory than exists");
+  const int64_t rows = sq * heads;
+  if (batch > 0 && rows > 0) {
+    R1K_CHECK(batch * rows <= max_elems / head_dim / num_splits, fn, ": batch * sq * heads = ", batch * rows,
+              " addresses more memory than exists");
+    const int elem = dtype_size(dtype);
+    check_pointer(fn, "q", q, 16, "16-byte rows");
+    check_pointer(fn, "kv", kv, 16, "16-byte rows");
+    check_pointer(fn, "block_table", block_table, 4, "int32");
+    check_pointer(fn, "cache_seqlens", cache_seqlens, 4, "int32");
+    check_pointer(fn, "out", out, 4, "pairs of 16-bit values");
+    check_pointer(fn, "lse", lse, 4, "float32");
+    if (num_splits > 1) {
+      check_pointer(fn, "ws_out", ws_out, 16, "float4");
+      check_pointer(fn, "ws_lse", ws_lse, 4, "float32");
+    }
+    const int64_t out_bytes = batch * rows * head_dim_v * elem;
+    const int64_t lse_bytes = batch * rows * 4;
+    check_disjoint(fn, "out", out, out_bytes, "q", q, batch * rows * head_dim * elem);
+    check_disjoint(fn, "out", out, out_bytes, "kv", kv, kv_elems * elem);
+    check_disjoint(fn, "lse", lse, lse_bytes, "out", out, out_bytes);
+    check_disjoint(fn, "lse", lse, lse_bytes, "q", q, batch * rows * head_dim * elem);
+    check_disjoint(fn, "lse", lse, lse_bytes, "kv", kv, kv_elems * elem);
+    if (num_splits > 1) {
+      const int64_t ws_bytes = num_splits * batch * rows * head_dim_v * 4;
+      check_disjoint(fn, "ws_out", ws_out, ws_bytes, "out", out, out_bytes);
+      check_disjoint(fn, "ws_out", ws_out, ws_bytes, "ws_lse", ws_lse, num_splits * lse_bytes);
+      check_disjoint(fn, "ws_lse", ws_lse, num_splits * lse_bytes, "lse", lse, lse_bytes);
+    }
+  }
+  MlaDecodeArgs a;
+  a.q = reinterpret_cast<const void*>(q);
+  a.kv = reinterpret_cast<const void*>(kv);
+  a.block_table = reinterpret_cast<const int32_t*>(block_table);
+  a.cache_seqlens = reinterpret_cast<const int32_t*>(cache_seqlens);
+  a.out = reinterpret_cast<void*>(out);
+  a.lse = reinterpret_cast<float*>(lse);
+  a.ws_out = reinterpret_cast<float*>(ws_out);
+  a.ws_lse = reinterpret_cast<float*>(ws_lse);
+  a.batch = batch;
+  a.sq = sq;
+  a.heads = heads;
+  a.head_dim = head_dim;
+  a.head_dim_v = head_dim_v;
+  a.num_pages = num_pages;
+  a.page_size = page_size;
+  a.max_pages = max_pages;
+  a.kv_page_stride = kv_page_stride;
+  a.kv_row_stride = kv_row_stride;
+  a.bt_stride = bt_stride;
+  a.num_splits = static_cast<int>(num_splits);
+  a.dtype = dtype;
+  a.causal = causal;
+  a.softmax_scale = static_cast<float>(softmax_scale);
+  return a;
+}
+
 }  // namespace
 }  // namespace r1k
 
@@ -342,6 +432,60 @@ PYBIND11_MODULE(_C, m) {
       "expert_ids: [n_slots] contiguous int32 (int64 if ids_int64); outputs int32: sorted_slots [s_max], "
       "block_expert [s_max / block_size], num_padded [1], counts [n_experts]; workspace: [n_experts] int32 scratch. "
       "Every output is written (no zeroing needed). Asynchronous.");
+
+  m.def(
+      "mla_decode_cuda",
+      [](std::uintptr_t q, std::uintptr_t kv, std::uintptr_t block_table, std::uintptr_t cache_seqlens,
+         std::uintptr_t out, std::uintptr_t lse, std::uintptr_t ws_out, std::uintptr_t ws_lse, int64_t batch,
+         int64_t sq, int64_t heads, int64_t head_dim, int64_t head_dim_v, int64_t num_pages, int64_t page_size,
+         int64_t max_pages, int64_t kv_page_stride, int64_t kv_row_stride, int64_t bt_stride, int64_t num_splits,
+         int dtype, bool causal, double softmax_scale, int device, std::uintptr_t stream) {
+        const char* fn = "r1kernels._C.mla_decode_cuda";
+        MlaDecodeArgs a = mla_decode_args(fn, q, kv, block_table, cache_seqlens, out, lse, ws_out, ws_lse, batch, sq,
+                                          heads, head_dim, head_dim_v, num_pages, page_size, max_pages,
+                                          kv_page_stride, kv_row_stride, bt_stride, num_splits, dtype, causal,
+                                          softmax_scale);
+        R1K_CHECK(device >= 0, fn, ": device must be a CUDA device index >= 0, got ", device);
+#ifdef R1K_WITH_CUDA
+        mla_decode_cuda(a, device, stream);
+#else
+        (void)a, (void)stream;
+        R1K_FAIL(fn, ": this build of r1kernels._C has no CUDA part (nvcc was not found at build time, or "
+                     "R1K_NO_CUDA=1 was set)");
+#endif
+      },
+      py::arg("q"), py::arg("kv"), py::arg("block_table"), py::arg("cache_seqlens"), py::arg("out"), py::arg("lse"),
+      py::arg("ws_out"), py::arg("ws_lse"), py::arg("batch"), py::arg("sq"), py::arg("heads"), py::arg("head_dim"),
+      py::arg("head_dim_v"), py::arg("num_pages"), py::arg("page_size"), py::arg("max_pages"),
+      py::arg("kv_page_stride"), py::arg("kv_row_stride"), py::arg("bt_stride"), py::arg("num_splits"),
+      py::arg("dtype"), py::arg("causal"), py::arg("softmax_scale"), py::arg("device"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>(),
+      "Absorbed MLA decode over a paged latent cache (semantics: r1kernels.reference.mla_decode) on CUDA device "
+      "`device`, enqueued on `stream`. q: [B, Sq, H, C] contiguous, 16-byte aligned; kv: [N, P, C] with element "
+      "strides kv_page_stride, kv_row_stride, 1 (multiples of 8); block_table: [B, M] int32 with row stride "
+      "bt_stride; cache_seqlens: [B] int32; out: [B, Sq, H, Dv] contiguous in dtype; lse: [B, H, Sq] float32; "
+      "ws_out: [num_splits, B, Sq * H, Dv] float32 and ws_lse: [num_splits, B, Sq * H] float32 scratch (unused, may "
+      "be 0, when num_splits == 1). C = 576, Dv = 512, dtype 1 (float16) or 2 (bfloat16). Asynchronous; never "
+      "reads cache_seqlens on the host.");
+
+  m.def(
+      "mla_decode_cuda_num_splits",
+      [](int64_t batch, int64_t rows, int64_t max_tokens, int device) -> int {
+        const char* fn = "r1kernels._C.mla_decode_cuda_num_splits";
+        R1K_CHECK(batch >= 0 && rows >= 0 && max_tokens >= 0, fn, ": batch, rows and max_tokens must be >= 0, got ",
+                  batch, ", ", rows, ", ", max_tokens);
+        R1K_CHECK(device >= 0, fn, ": device must be a CUDA device index >= 0, got ", device);
+#ifdef R1K_WITH_CUDA
+        return mla_decode_cuda_num_splits(batch, rows, max_tokens, device);
+#else
+        R1K_FAIL(fn, ": this build of r1kernels._C has no CUDA part (nvcc was not found at build time, or "
+                     "R1K_NO_CUDA=1 was set)");
+#endif
+      },
+      py::arg("batch"), py::arg("rows"), py::arg("max_tokens"), py::arg("device"),
+      py::call_guard<py::gil_scoped_release>(),
+      "KV splits mla_decode_cuda uses for B = batch requests of rows = Sq * H query rows and max_tokens = M * P "
+      "cache positions per request, on CUDA device `device` (from the shapes and the SM count only).");
 
   m.def(
       "cuda_device_problem",

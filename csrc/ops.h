@@ -78,6 +78,43 @@ constexpr int kMoeRouteCudaMaxP = 64;   // experts per group
 constexpr int kMoeRouteCudaMaxK = 32;   // one chosen expert per lane
 constexpr int kMoeAlignCudaMaxE = 4096; // two [E] int32 arrays in shared memory
 
+// Absorbed MLA decode over a paged latent cache (semantics: r1kernels/reference/mla.py, mla_decode).
+// Letters: B requests, Sq new tokens per request, H heads, R = Sq * H query rows per request, C latent row
+// width, Dv value width (the first Dv columns of a row), N pages, P page size, M pages per request,
+// S KV splits. Query s of request b sees positions < len_b - Sq + s + 1 (causal) or < len_b, with
+// len_b = clamp(cache_seqlens[b], 0, M * P); rows past a request's length are never read; a row that sees
+// nothing gives 0 and lse = -inf.
+struct MlaDecodeArgs {
+  const void* q;                 // [B, Sq, H, C] contiguous, `dtype`, 16-byte aligned
+  const void* kv;                // [N, P, C] `dtype`, element strides kv_page_stride, kv_row_stride, 1
+  const int32_t* block_table;    // [B, M] int32, row stride bt_stride
+  const int32_t* cache_seqlens;  // [B] int32 contiguous
+  void* out;                     // [B, Sq, H, Dv] contiguous, `dtype`
+  float* lse;                    // [B, H, Sq] fp32 contiguous (natural log)
+  float* ws_out;                 // [S, B, R, Dv] fp32 scratch when S > 1, else unused
+  float* ws_lse;                 // [S, B, R] fp32 scratch when S > 1, else unused
+  int64_t batch;                 // B (<= 65535)
+  int64_t sq;                    // Sq
+  int64_t heads;                 // H
+  int64_t head_dim;              // C (kMlaCudaHeadDim)
+  int64_t head_dim_v;            // Dv (kMlaCudaHeadDimV)
+  int64_t num_pages;             // N
+  int64_t page_size;             // P
+  int64_t max_pages;             // M
+  int64_t kv_page_stride;        // elements, multiple of 8
+  int64_t kv_row_stride;         // elements, multiple of 8
+  int64_t bt_stride;             // elements
+  int num_splits;                // S in [1, kMlaCudaMaxSplits]
+  int dtype;                     // kFloat16 or kBFloat16
+  bool causal;
+  float softmax_scale;
+};
+
+// What the CUDA MLA decode kernel takes (known to the bindings whether or not the CUDA part is built).
+constexpr int kMlaCudaHeadDim = 576;   // C
+constexpr int kMlaCudaHeadDimV = 512;  // Dv
+constexpr int kMlaCudaMaxSplits = 64;  // S
+
 #ifdef R1K_WITH_CUDA
 // Launches on `stream` (a cudaStream_t as an integer; 0 is the legacy default stream) of CUDA device
 // `device`; returns without synchronising. Throws std::runtime_error on a launch error.
@@ -87,6 +124,12 @@ void rms_norm_cuda(const RmsNormArgs& a, int device, std::uintptr_t stream);
 // K <= kMoeRouteCudaMaxK (one warp per token); moe_align_cuda takes E <= kMoeAlignCudaMaxE.
 void moe_route_cuda(const MoeRouteArgs& a, int device, std::uintptr_t stream);
 void moe_align_cuda(const MoeAlignArgs& a, int device, std::uintptr_t stream);
+
+// MLA decode (mla.cu): out and lse for every row; S = a.num_splits (> 1 uses ws_out / ws_lse and a merge
+// kernel). mla_decode_cuda_num_splits picks S from the shapes (R rows per request, max_tokens = M * P)
+// and the device's SM count; it never looks at cache_seqlens.
+void mla_decode_cuda(const MlaDecodeArgs& a, int device, std::uintptr_t stream);
+int mla_decode_cuda_num_splits(int64_t batch, int64_t rows, int64_t max_tokens, int device);
 
 // "" if this module's CUDA kernels can run on `device` (an image for its architecture was compiled in),
 // else the CUDA runtime's reason.

@@ -322,3 +322,129 @@ def _moe_align_cuda_check(expert_ids, num_experts, block_size):
 MOE_ROUTE_CPU = Impl(moe_route_native, _moe_route_cpu_check)
 MOE_ROUTE_CUDA = Impl(moe_route_native, _moe_route_cuda_check)
 MOE_ALIGN_CUDA = Impl(moe_align_native, _moe_align_cuda_check)
+
+
+# ----------------------------------------------------------------------------------------------------
+# MLA decode (CUDA kernel, csrc/cuda/mla.cu): absorbed MQA over the paged latent cache. Letters: B requests,
+# Sq new tokens per request, H heads, C latent row width, Dv value width, N pages, P page size, M pages per
+# request, S KV splits.
+
+_MLA_DECODE_OP = "r1kernels::mla_decode_native"
+
+# What the CUDA kernel takes (csrc/ops.h, kMlaCuda*): C = 576, Dv = 512 (DeepSeek-V3 / R1), float16 or
+# bfloat16, any page size, B <= 65535, Sq * H < 2^30.
+MLA_DECODE_CUDA_HEAD_DIM, MLA_DECODE_CUDA_HEAD_DIM_V, MLA_DECODE_CUDA_MAX_SPLITS = 576, 512, 64
+MLA_DECODE_CUDA_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _mla_decode_problem(q, kv_cache, block_table, cache_seqlens, softmax_scale, head_dim_v) -> Optional[str]:
+    """Why these are not arguments the CUDA MLA decode kernel takes, or None. Looks at shapes, dtypes,
+    devices and strides only (never at data), so it also runs on fake tensors."""
+    if q.dim() != 4:
+        return f"q must be [B, Sq, H, C], got shape {tuple(q.shape)}"
+    if q.dtype not in MLA_DECODE_CUDA_DTYPES:
+        return f"the CUDA kernel takes float16 / bfloat16, got q of dtype {_dtype_name(q.dtype)}"
+    b, sq, h, c = q.shape
+    if c != MLA_DECODE_CUDA_HEAD_DIM:
+        return f"the CUDA kernel takes C = {MLA_DECODE_CUDA_HEAD_DIM} (q.shape[-1]), got C={c}"
+    if head_dim_v != MLA_DECODE_CUDA_HEAD_DIM_V:
+        return f"the CUDA kernel takes head_dim_v = {MLA_DECODE_CUDA_HEAD_DIM_V}, got {head_dim_v}"
+    if kv_cache.dim() != 3 or kv_cache.shape[2] != c:
+        return f"kv_cache must be [N, P, {c}], got shape {tuple(kv_cache.shape)}"
+    if kv_cache.dtype != q.dtype:
+        return f"kv_cache must have q's dtype {_dtype_name(q.dtype)}, got {_dtype_name(kv_cache.dtype)}"
+    if block_table.dim() != 2 or block_table.shape[0] != b or block_table.dtype != torch.int32:
+        return (f"block_table must be int32 [{b}, M], got {_dtype_name(block_table.dtype)} "
+                f"{tuple(block_table.shape)}")
+    if cache_seqlens.shape != (b,) or cache_seqlens.dtype != torch.int32:
+        return f"cache_seqlens must be int32 [{b}], got {_dtype_name(cache_seqlens.dtype)} {tuple(cache_seqlens.shape)}"
+    for name, t in (("kv_cache", kv_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens)):
+        if t.device != q.device:
+            return f"{name} is on {t.device} but q is on {q.device}"
+    if b > 65535:
+        return f"the CUDA kernel takes at most 65535 requests (grid limit), got B={b}"
+    if sq * h >= 2**30:
+        return f"the CUDA kernel takes Sq * H < 2^30 query rows per request, got {sq * h}"
+    n, p, _ = kv_cache.shape
+    if n >= 2**31 or p * block_table.shape[1] >= 2**31:
+        return f"the CUDA kernel takes N < 2^31 pages and M * P < 2^31 positions, got N={n}, M={block_table.shape[1]}, P={p}"
+    # The kernel copies 16-byte pieces of each latent row: unit column stride, rows 16-byte aligned.
+    if kv_cache.stride(2) != 1 or kv_cache.storage_offset() % 8 or (p > 1 and (kv_cache.stride(1) % 8 or kv_cache.stride(1) < c)) \
+            or (n > 1 and kv_cache.stride(0) % 8):
+        return (f"the CUDA kernel takes kv_cache rows of unit column stride starting on 16-byte boundaries (strides "
+                f"multiples of 8 elements), got strides {tuple(kv_cache.stride())} and storage offset "
+                f"{kv_cache.storage_offset()}")
+    if not abs(softmax_scale) < float("inf"):
+        return f"softmax_scale must be finite, got {softmax_scale}"
+    return None
+
+
+def _check_mla_decode(q, kv_cache, block_table, cache_seqlens, softmax_scale, head_dim_v, num_splits) -> None:
+    why = _mla_decode_problem(q, kv_cache, block_table, cache_seqlens, softmax_scale, head_dim_v)
+    if why is None and not 0 <= num_splits <= MLA_DECODE_CUDA_MAX_SPLITS:
+        why = f"num_splits must be in [0, {MLA_DECODE_CUDA_MAX_SPLITS}] (0: chosen from the shapes), got {num_splits}"
+    if why is not None:
+        raise ValueError(f"{_MLA_DECODE_OP}: {why}")
+
+
+@torch.library.custom_op(_MLA_DECODE_OP, mutates_args=())
+def mla_decode_native(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
+                      softmax_scale: float, causal: bool, head_dim_v: int, num_splits: int = 0
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absorbed MLA decode by the CUDA kernel (semantics: ``r1kernels.reference.mla_decode``):
+    ``(out [B, Sq, H, Dv] in q's dtype, lse [B, H, Sq] fp32)``. CUDA tensors only; forward only.
+    ``num_splits``: KV splits (0: chosen from the shapes and the SM count; tests force others). Never reads
+    ``cache_seqlens`` on the host (no synchronisation)."""
+    _check_mla_decode(q, kv_cache, block_table, cache_seqlens, softmax_scale, head_dim_v, num_splits)
+    if q.device.type != "cuda":
+        raise ValueError(f"{_MLA_DECODE_OP}: the compiled MLA decode kernel runs on CUDA tensors only, "
+                         f"got a {q.device.type} tensor")
+    mod = _loader.module()
+    if mod is None or not mod.built_with_cuda:
+        raise RuntimeError(f"{_MLA_DECODE_OP}: {_loader.cuda_reason()}")
+    b, sq, h, c = q.shape
+    n, p, _ = kv_cache.shape
+    m = block_table.shape[1]
+    out = q.new_empty((b, sq, h, head_dim_v))
+    lse = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
+    if b * sq * h == 0:
+        return out, lse
+    if n == 0 or p == 0 or m == 0:  # no position is addressable: every row sees nothing
+        return out.zero_(), lse.fill_(float("-inf"))
+    qc = q.contiguous()
+    if qc.data_ptr() % 16:
+        qc = qc.clone()
+    bt = block_table.contiguous()
+    lens = cache_seqlens.contiguous()
+    rows = sq * h
+    dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    splits = num_splits or mod.mla_decode_cuda_num_splits(b, rows, m * p, dev)
+    if splits > 1:
+        ws_out = torch.empty((splits, b, rows, head_dim_v), dtype=torch.float32, device=q.device)
+        ws_lse = torch.empty((splits, b, rows), dtype=torch.float32, device=q.device)
+        ws = (ws_out.data_ptr(), ws_lse.data_ptr())
+    else:
+        ws = (0, 0)
+    stream = torch.cuda.current_stream(q.device).cuda_stream
+    mod.mla_decode_cuda(qc.data_ptr(), kv_cache.data_ptr(), bt.data_ptr(), lens.data_ptr(), out.data_ptr(),
+                        lse.data_ptr(), *ws, b, sq, h, c, head_dim_v, n, p, m,
+                        kv_cache.stride(0) if n > 1 else 0, kv_cache.stride(1) if p > 1 else c, m, splits,
+                        DTYPE_CODES[q.dtype], bool(causal), float(softmax_scale), device=dev, stream=stream)
+    return out, lse
+
+
+@mla_decode_native.register_fake
+def _mla_decode_native_fake(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal, head_dim_v, num_splits=0):
+    _check_mla_decode(q, kv_cache, block_table, cache_seqlens, softmax_scale, head_dim_v, num_splits)
+    b, sq, h, _ = q.shape
+    return q.new_empty((b, sq, h, head_dim_v)), q.new_empty((b, h, sq), dtype=torch.float32)
+
+
+def _mla_decode_cuda_check(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal, head_dim_v):
+    why = (_on_cuda(q, kv_cache, block_table, cache_seqlens)
+           or _mla_decode_problem(q, kv_cache, block_table, cache_seqlens, softmax_scale, head_dim_v)
+           or forward_only_reason("mla_decode", q) or forward_only_reason("mla_decode", kv_cache))
+    return why or _loader.cuda_device_reason(q.device)
+
+
+MLA_DECODE_CUDA = Impl(mla_decode_native, _mla_decode_cuda_check)

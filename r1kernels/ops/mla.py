@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from .._dispatch import Impl, Op, always
+from .._dispatch import Impl, Op, always, triton_check
+from ._native import MLA_DECODE_CUDA
 from ._validate import FLOAT_DTYPES, check_tensor
 
 
@@ -17,14 +18,75 @@ def _attn_ref(q, k, v, cu_seqlens, max_seqlen, scale, causal, return_lse):
                                    return_lse=return_lse)
 
 
+class _MLAAttentionTriton(torch.autograd.Function):
+    """The Triton flash-attention path: the forward keeps out and lse (fp32 [H, T]) for the backward.
+
+    Differentiable in q, k, v through out and through lse (d lse / d s = p enters the backward's delta).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale, causal):
+        from ..triton.mla import mla_attention_fwd  # lazily: `import r1kernels` never imports triton
+
+        out, lse = mla_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale, causal)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+        ctx.args = (max_seqlen, scale, causal)
+        ctx.set_materialize_grads(False)  # an unused out or lse gets None, not a buffer of zeros
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dlse):
+        from ..triton.mla import mla_attention_bwd
+
+        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+        if dout is None and dlse is None:
+            return None, None, None, None, None, None, None
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = mla_attention_bwd(dout, q, k, v, out, lse, cu_seqlens, *ctx.args, dlse=dlse)
+        need = ctx.needs_input_grad
+        return (dq if need[0] else None), (dk if need[1] else None), (dv if need[2] else None), None, None, None, None
+
+
+def _attn_triton(q, k, v, cu_seqlens, max_seqlen, scale, causal, return_lse):
+    out, lse = _MLAAttentionTriton.apply(q, k, v, cu_seqlens, max_seqlen, scale, causal)
+    return (out, lse) if return_lse else out
+
+
+def _attn_triton_check(q, k, v, cu_seqlens, max_seqlen, scale, causal, return_lse):
+    why = triton_check(q)
+    if why is None:
+        from ..triton.mla import head_dims_reason  # triton is importable once triton_check passed
+
+        why = head_dims_reason(q.shape[-1], v.shape[-1])
+    return why
+
+
 def _decode_ref(q, kv_cache, block_table, cache_seqlens, scale, causal, head_dim_v):
     return reference.mla_decode(q, kv_cache, block_table, cache_seqlens, softmax_scale=scale, causal=causal,
                                 head_dim_v=head_dim_v)
 
 
-MLA_ATTENTION = Op("mla_attention", {"reference": Impl(_attn_ref, always)})
-MLA_CACHE_APPEND = Op("mla_cache_append", {"reference": Impl(reference.mla_cache_append, always)})
-MLA_DECODE = Op("mla_decode", {"reference": Impl(_decode_ref, always)})
+def _cache_append_triton(kv_cache, block_table, cache_seqlens, c_kv, k_pe):
+    from ..triton.mla_decode import mla_cache_append  # lazily: `import r1kernels` never imports triton
+
+    mla_cache_append(kv_cache, block_table, cache_seqlens, c_kv, k_pe)
+
+
+def _decode_triton(q, kv_cache, block_table, cache_seqlens, scale, causal, head_dim_v):
+    from ..triton.mla_decode import mla_decode
+
+    return mla_decode(q, kv_cache, block_table, cache_seqlens, scale, causal, head_dim_v)
+
+
+MLA_ATTENTION = Op("mla_attention", {"reference": Impl(_attn_ref, always),
+                                     "triton": Impl(_attn_triton, _attn_triton_check)})
+MLA_CACHE_APPEND = Op("mla_cache_append", {"reference": Impl(reference.mla_cache_append, always),
+                                           "triton": Impl(_cache_append_triton, triton_check)})
+MLA_DECODE = Op("mla_decode", {"reference": Impl(_decode_ref, always),
+                               "triton": Impl(_decode_triton, triton_check),
+                               "cuda": MLA_DECODE_CUDA})
 
 
 def mla_attention(
@@ -48,6 +110,8 @@ def mla_attention(
         softmax_scale: multiplies q.k; causal: each token sees its sequence's tokens up to itself.
     Returns:
         ``out [T, H, Dv]`` in q's dtype, and with ``return_lse`` ``lse [H, T]`` fp32 (natural log).
+    Differentiable in q, k, v through out and lse. Backends: ``reference``; ``triton`` (flash attention,
+    Dqk and Dv multiples of 16 up to 256; ``max_seqlen`` must bound every sequence, it sizes the grid).
     """
     check_tensor("mla_attention", "q", q, ndim=3, dtypes=FLOAT_DTYPES)
     t, h, dqk = q.shape

@@ -1,6 +1,7 @@
 """Triton kernels and their launchers, one module per kernel family (``norm``, ``rope``, ``activation``,
-``quant``, ``moe``; MoE routing and token alignment sit in ``moe_route``, apart from the expert GEMMs, to
-keep each file readable).
+``quant``, ``moe``, ``mla``; MoE routing and token alignment sit in ``moe_route`` apart from the expert
+GEMMs, and the MLA decode and cache append in ``mla_decode`` apart from the prefill attention, to keep each
+file readable).
 
 Each module holds ``@triton.jit`` kernels and plain-Python launchers that check their arguments, allocate
 the outputs, compute the grid and launch. Autograd and dispatch live one layer up, in ``r1kernels.ops``,
