@@ -294,11 +294,12 @@ def test_tiny_model_decodes_token_by_token_through_triton(monkeypatch):
         assert calls == {"decode": 0, "append": 0}
         cache = model.new_cache(2, 16, page_size=16)
         cache.kv.fill_(float("nan"))  # unwritten slots must never be read
-        steps = [model(ids[:, :5], cache=cache)]  # prefill 5 (Sq = 5), then one token at a time
-        for t in range(5, 12):
+        steps = [model(ids[:, :5], cache=cache)]  # prefill 5 into the empty cache: expanded form, rows appended
+        steps.append(model(ids[:, 5:7], cache=cache))  # Sq = 2 new tokens through the absorbed decode
+        for t in range(7, 12):  # then one token at a time
             steps.append(model(ids[:, t:t + 1], cache=cache))
     layers = model.config.num_hidden_layers
-    assert calls == {"decode": 8 * layers, "append": 8 * layers}
+    assert calls == {"decode": 6 * layers, "append": 7 * layers}
     got = torch.cat(steps, dim=1)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, full, atol=MODEL_ATOL, rtol=0)

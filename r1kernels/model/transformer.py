@@ -96,9 +96,10 @@ class Transformer(nn.Module):
                        absorbed: bool = False) -> torch.Tensor:
         """input_ids ``[B, S]`` -> final-normed hidden states ``[B, S, D]``.
 
-        ``cache``: the tokens continue the cached ones (absorbed MLA over the latent cache; the cache is
-        advanced by S). ``absorbed=True`` without a cache runs the absorbed formulation on a scratch cache
-        (used to check that both formulations agree); the default is the expanded formulation.
+        ``cache``: the tokens continue the cached ones and the cache is advanced by S; a prefill into an empty
+        cache attends with the expanded formulation, later calls with the absorbed one over the latent cache.
+        ``absorbed=True`` forces the absorbed formulation (without a cache, on a scratch cache): used to
+        check that both formulations agree. Without either, the expanded formulation.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"Transformer: input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
@@ -115,7 +116,7 @@ class Transformer(nn.Module):
             positions = torch.arange(s, device=input_ids.device).expand(b, s)
         cos, sin = self.rotary(positions)  # [B, S, R/2] each
         for layer in self.layers:
-            h = layer(h, cos, sin, cache=cache)
+            h = layer(h, cos, sin, cache=cache, absorbed=absorbed)
         if cache is not None:
             cache.advance(s)
         return self.norm(h)

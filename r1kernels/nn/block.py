@@ -27,9 +27,10 @@ class Block(nn.Module):
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
-                cache: Optional[LatentKVCache] = None) -> torch.Tensor:
+                cache: Optional[LatentKVCache] = None, absorbed: bool = False) -> torch.Tensor:
         """h ``[B, S, D]`` -> ``[B, S, D]``; with a cache, this block uses its slot ``layer_idx``."""
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache=cache, layer_idx=self.layer_idx)
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache=cache, layer_idx=self.layer_idx,
+                               absorbed=absorbed)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
