@@ -305,6 +305,7 @@ class Row:
     rel_err: Optional[float] = None  # ‖out − ref‖ / ‖ref‖ against the first torch baseline, worst tensor
     max_abs_diff: Optional[float] = None  # model rows: max |logits − transformers' logits|
     tokens_per_s: Optional[float] = None  # model rows
+    cache_bytes_per_token: Optional[float] = None  # generation rows: KV-cache bytes one token adds (all layers)
     flops: Optional[float] = None
     nbytes: Optional[float] = None
 
@@ -461,6 +462,8 @@ def format_row_line(r: Row) -> str:
         parts.append(f"{r.GBps:8.1f} GB/s")
     if r.tokens_per_s is not None:
         parts.append(f"{r.tokens_per_s:9.0f} tok/s")
+    if r.cache_bytes_per_token is not None:
+        parts.append(f"cache {r.cache_bytes_per_token:,.0f} B/tok")
     if r.floor_ms is not None:
         parts.append(f"floor {r.floor_ms:.4f} ms")
     if r.vs_torch is not None:
@@ -591,6 +594,7 @@ _COLUMNS: list[tuple[str, Callable[[Row], str]]] = [
     ("ms", lambda r: _fmt(r.ms, ".4f") if r.ms is not None else r.status),
     ("min ms", lambda r: _fmt(r.ms_min, ".4f")),
     ("tok/s", lambda r: _fmt(r.tokens_per_s, ",.0f")),
+    ("cache B/tok", lambda r: _fmt(r.cache_bytes_per_token, ",.0f")),
     ("TFLOP/s", lambda r: _fmt(r.TFLOPs, ".3g")),
     ("GB/s", lambda r: _fmt(r.GBps, ".1f")),
     ("% copy", lambda r: _fmt(None if r.frac_copy is None else 100 * r.frac_copy, ".1f")),

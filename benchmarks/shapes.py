@@ -11,8 +11,9 @@ model. :data:`V3` holds the model's dimensions (DeepSeek-V3 / R1, 671B; the same
 * ``"smoke"``: the fewest tokens that still exercise every case; for the CI smoke test.
 
 Per kernel family, a function turns a ShapeSet into the list of named cases that family benchmarks
-(:func:`norm_shapes`, :func:`rope_shapes`, :func:`moe_gate_shapes`, :func:`moe_layer_shapes`), and
-:func:`model_shape` gives the model benchmark's batch. The MoE layer shapes also name the other models
+(:func:`norm_shapes`, :func:`rope_shapes`, :func:`moe_gate_shapes`, :func:`moe_layer_shapes`,
+:func:`mla_decode_shapes`, :func:`mla_prefill_shapes`), :func:`model_shape` gives the model benchmark's batch
+and :func:`mla_generate_shape` the generation benchmark's. The MoE layer shapes also name the other models
 whose expert widths a benchmark uses (:data:`V2_LITE_MOE`, the tiny preset's :data:`TINY_MOE`).
 """
 from __future__ import annotations
@@ -310,3 +311,119 @@ def moe_layer_shapes(s: ShapeSet) -> list[MoELayerShape]:
     if s.name == "cpu":
         return [MoELayerShape(TINY_MOE, t) for t in (1, 16, 512)]
     return [MoELayerShape(d, t) for d in (V3_MOE, V2_LITE_MOE) for t in (TOKENS_DECODE, TOKENS_PREFILL)]
+
+
+# ------------------------------------------------------------------------------------------------------
+# MLA: absorbed decode over the paged latent cache, prefill attention, and generation on the tiny model.
+
+# FlashMLA's benchmark (and DESIGN's anchor): b=128 requests of s cached tokens, h query heads, Sq new tokens.
+MLA_DECODE_BATCH = 128
+MLA_DECODE_SEQLENS = (4096, 8192, 16384)
+MLA_DECODE_HEADS = (16, 128)  # 128: V3's heads on one GPU; 16: the per-GPU share under 8-way tensor parallelism
+MLA_DECODE_SQ = (1, 2)  # 2: a speculative step verifying one drafted token
+MLA_PAGE = 64  # FlashMLA's page (block) size
+# The MLA prefill anchor: one causal sequence of S tokens, 128 heads, q/k head 192 (128 nope + 64 rope), v 128.
+MLA_PREFILL_SEQLENS = (1024, TOKENS_PREFILL_LONG)
+
+
+@dataclass(frozen=True)
+class MLADecodeShape:
+    """One ``ops.mla_decode`` call: ``batch`` requests with ``seqlen`` cached tokens each (the ``sq`` new ones
+    included, already appended), ``heads`` query heads of width ``latent`` (L + R), values the first
+    ``dv`` (= L) columns of each cached row, pages of ``page`` rows."""
+
+    batch: int
+    seqlen: int
+    heads: int
+    sq: int
+    latent: int  # C = kv_lora_rank + qk_rope_head_dim (576)
+    dv: int  # kv_lora_rank (512)
+    page: int
+
+    @property
+    def label(self) -> str:
+        return f"decode s={self.seqlen} h={self.heads} sq={self.sq}"
+
+    @property
+    def shape(self) -> str:
+        return (f"b={self.batch} s={self.seqlen} h={self.heads} sq={self.sq} C={self.latent} Dv={self.dv} "
+                f"page {self.page}")
+
+
+@dataclass(frozen=True)
+class MLAPrefillShape:
+    """One ``ops.mla_attention`` call over ``batch`` causal sequences of ``seqlen`` tokens (packed),
+    ``heads`` heads, q/k head width ``dqk``, value head width ``dv``."""
+
+    batch: int
+    seqlen: int
+    heads: int
+    dqk: int
+    dv: int
+
+    @property
+    def label(self) -> str:
+        return f"prefill S={self.seqlen} H={self.heads}"
+
+    @property
+    def shape(self) -> str:
+        return f"B={self.batch} S={self.seqlen} H={self.heads} Dqk={self.dqk} Dv={self.dv} causal"
+
+
+@dataclass(frozen=True)
+class GenerateShape:
+    """Greedy generation on the ``preset`` model: ``batch`` prompts of ``prompt`` tokens, then ``new`` tokens
+    (the first from the prompt's forward, the other ``new - 1`` from one-token decode steps)."""
+
+    preset: str
+    batch: int
+    prompt: int
+    new: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.preset} generate"
+
+    @property
+    def shape(self) -> str:
+        return f"B={self.batch} prompt {self.prompt} + {self.new} new"
+
+    @property
+    def max_len(self) -> int:
+        return self.prompt + self.new
+
+
+def mla_decode_shapes(s: ShapeSet) -> list[MLADecodeShape]:
+    """``v3``: FlashMLA's grid (b=128; s 4096 / 8192 / 16384; h 16 / 128; Sq 1 / 2), 12 calls. ``cpu``: b=4,
+    s=256, h=16 (V3's row widths, a millisecond-scale reference call on 2 cores). ``smoke``: b=2, s=96 (one
+    full page and half of a second), h=4."""
+    d = s.dims
+    c, dv = d.kv_lora_rank + d.qk_rope_head_dim, d.kv_lora_rank
+    if s.name == "smoke":
+        grid = [(2, 96, 4, sq) for sq in MLA_DECODE_SQ]
+    elif s.name == "cpu":
+        grid = [(4, 256, 16, sq) for sq in MLA_DECODE_SQ]
+    else:
+        grid = [(MLA_DECODE_BATCH, sl, h, sq)
+                for sl in MLA_DECODE_SEQLENS for h in MLA_DECODE_HEADS for sq in MLA_DECODE_SQ]
+    return [MLADecodeShape(b, sl, h, sq, c, dv, MLA_PAGE) for b, sl, h, sq in grid]
+
+
+def mla_prefill_shapes(s: ShapeSet) -> list[MLAPrefillShape]:
+    """``v3``: one sequence of 1024 and of 8192 tokens, 128 heads (the anchor's 8192). ``cpu``: S=256, H=4.
+    ``smoke``: S=64, H=2. Head widths are V3's everywhere (192 / 128)."""
+    d = s.dims
+    if s.name == "smoke":
+        grid = [(64, 2)]
+    elif s.name == "cpu":
+        grid = [(256, 4)]
+    else:
+        grid = [(sl, d.heads) for sl in MLA_PREFILL_SEQLENS]
+    return [MLAPrefillShape(1, sl, h, d.qk_head_dim, d.v_head_dim) for sl, h in grid]
+
+
+def mla_generate_shape(s: ShapeSet) -> GenerateShape:
+    """The tiny preset: 4 prompts of 64 tokens then 64 new tokens; the smoke set 1 prompt of 8, 4 new."""
+    if s.name == "smoke":
+        return GenerateShape("tiny", 1, 8, 4)
+    return GenerateShape("tiny", 4, 64, 64)

@@ -13,7 +13,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # `benchmarks` is a folder of the repository, not an installed package
 
-from benchmarks import bench_moe, bench_norm, bench_rope, harness, shapes  # noqa: E402
+from benchmarks import bench_mla, bench_moe, bench_norm, bench_rope, harness, shapes  # noqa: E402
 
 
 def test_v3_dims_match_transformers_defaults():
@@ -172,7 +172,7 @@ def test_git_state_without_git(monkeypatch, tmp_path):
 def test_cli_smoke(tmp_path):
     out = tmp_path / "bench"
     cmd = [sys.executable, "-m", "benchmarks.run", "--device", "cpu", "--shapes", "smoke", "--cpu-budget-ms", "5",
-           "--only", "norm,rope,moe,model", "--out", str(out)]
+           "--only", "norm,rope,moe,mla,model", "--out", str(out)]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -189,6 +189,9 @@ def test_cli_smoke(tmp_path):
     want |= {("rope", r.label, m) for r in shapes.rope_shapes(smoke) for m in ("fwd", "fwd+bwd")}
     want |= {("moe", g.label, "fwd") for g in shapes.moe_gate_shapes(smoke)}
     want |= {("moe", m.label, p) for m in shapes.moe_layer_shapes(smoke) for p in ("fwd", "fwd+bwd")}
+    want |= {("mla", d.label, "fwd") for d in shapes.mla_decode_shapes(smoke)}
+    want |= {("mla", p.label, m) for p in shapes.mla_prefill_shapes(smoke) for m in ("fwd", "fwd+bwd")}
+    want |= {("mla", shapes.mla_generate_shape(smoke).label, "fwd")}
     want |= {("model", "tiny model", "fwd")}
     assert {(r["family"], r["case"], r["mode"]) for r in rows} == want
     for r in rows:
@@ -207,5 +210,115 @@ def test_cli_smoke(tmp_path):
             assert r["status"] == "ok", r
     gate_impls = {r["impl"] for r in rows if r["op"] == "moe_route"}
     assert gate_impls == {"torch formula", "triton", "cuda", "cpu", "reference"}
-    for header in ("## norm", "## rope", "## moe", "## model", "| case |", "GB/s", "× torch", "floor ms"):
+    mla = {r["impl"] for r in rows if r["family"] == "mla"}
+    assert {"torch bmm", "torch sdpa (mqa)", "torch sdpa", "reference", "latent cache", "expanded cache"} <= mla
+    for header in ("## norm", "## rope", "## moe", "## mla", "## model", "| case |", "GB/s", "× torch", "floor ms",
+                   "cache B/tok"):
         assert header in md
+
+
+def test_mla_shapes_and_formulas():
+    v3 = shapes.shape_set("v3")
+    dec = shapes.mla_decode_shapes(v3)
+    # FlashMLA's grid: b=128, s 4096 / 8192 / 16384, h 16 / 128, Sq 1 / 2, C=576, Dv=512, pages of 64
+    assert {(d.batch, d.seqlen, d.heads, d.sq) for d in dec} == {
+        (128, s, h, sq) for s in (4096, 8192, 16384) for h in (16, 128) for sq in (1, 2)}
+    assert {(d.latent, d.dv, d.page) for d in dec} == {(576, 512, 64)}
+    pre = shapes.mla_prefill_shapes(v3)
+    assert [(p.seqlen, p.heads, p.dqk, p.dv) for p in pre] == [(1024, 128, 192, 128), (8192, 128, 192, 128)]
+    # the anchor case: 2 b sq h s (C + Dv) FLOP; its bmm baseline, 0.9831 ms, is 148.5 TFLOP/s
+    # (shared/baselines/h200-torch-2026-11-29.json)
+    anchor = next(d for d in dec if (d.seqlen, d.heads, d.sq) == (4096, 128, 1))
+    assert bench_mla.decode_flops(anchor) == 2 * 128 * 1 * 128 * 4096 * (576 + 512)
+    assert bench_mla.decode_flops(anchor) / 0.9831 / 1e9 == pytest.approx(148.5, abs=0.1)
+    cache, q, out = 128 * 4096 * 576 * 2, 128 * 128 * 576 * 2, 128 * 128 * 512 * 2
+    assert bench_mla.decode_bytes(anchor, 2) == cache + q + out + 4 * 128 * 64 + 4 * 128
+    # prefill at S=8192: the causal half; the anchor's SDPA, 4.8557 ms forward and 20.2986 ms forward+backward,
+    # is 566.1 and 474.0 TFLOP/s (same file)
+    p8k = pre[1]
+    fwd = 2 * 128 * 8192 * 8192 * (192 + 128) / 2
+    assert bench_mla.prefill_flops(p8k, "fwd") == fwd
+    assert fwd / 4.8557 / 1e9 == pytest.approx(566.1, abs=0.1)
+    assert bench_mla.prefill_flops(p8k, "fwd+bwd") == 3.5 * fwd
+    assert 3.5 * fwd / 20.2986 / 1e9 == pytest.approx(474.0, abs=0.1)
+    t = 8192 * 128
+    assert bench_mla.prefill_bytes(p8k, 2, "fwd") == t * 2 * (2 * 192 + 2 * 128)
+    assert bench_mla.prefill_bytes(p8k, 2, "fwd+bwd") == 6 * t * 2 * (192 + 128) + 8 * t
+    # the cache sizes of the generation goal: tiny caches L + R = 80 floats per layer, expanded H (Dqk + Dv)
+    import r1kernels
+
+    tiny = r1kernels.ModelConfig.preset("tiny")
+    assert bench_mla.latent_bytes_per_token(tiny, 4) == tiny.num_hidden_layers * 80 * 4
+    assert bench_mla.ExpandedKVCache.bytes_per_token(tiny, 4) == tiny.num_hidden_layers * 4 * (48 + 32) * 4
+    assert bench_mla.v3_cache_ratio() == pytest.approx(128 * 320 / 576)
+
+
+def test_mla_torch_baselines_match_the_reference():
+    # the decode baselines (bmm over the gathered cache; SDPA as MQA) with the causal rule of Sq > 1, and the
+    # paged cache's contiguous copy, against r1kernels.reference.mla_decode on the paged layout
+    import r1kernels
+
+    ctx = harness.make_context("cpu", "smoke")
+    b, s, h, sq, c, dv = 3, 100, 4, 2, 72, 64  # s: one full page of 64 and part of a second
+    cache = bench_mla.make_paged_cache(ctx, b, s, c, 64)
+    assert sorted(cache.block_table.flatten().tolist()) == list(range(b * 2))
+    q = ctx.randn(b, sq, h, c)
+    want, _ = r1kernels.reference.mla_decode(q, cache.kv, cache.block_table, cache.seqlens, softmax_scale=0.1,
+                                             causal=True, head_dim_v=dv)
+    mask = bench_mla.decode_mask(s, sq, ctx.device)
+    assert mask[0, -1].item() is False and mask[1].all()
+    torch.testing.assert_close(bench_mla.torch_bmm_decode(q, cache.contiguous, 0.1, dv, mask), want)
+    got = bench_mla.torch_sdpa_decode(q, cache.contiguous, 0.1, dv, mask.repeat_interleave(h, dim=0))
+    torch.testing.assert_close(got, want)
+
+
+def test_mla_family_smoke():
+    # every case of the smoke set runs its torch baselines and the reference backend, which agree; the
+    # backends that are not there are recorded as unavailable, never as errors
+    ctx = harness.make_context("cpu", "smoke")
+    ctx.cpu_budget_s, ctx.cpu_min_runs, ctx.cpu_warmup = 0.0, 1, 0
+    rows = harness.run_cases(ctx, bench_mla.cases(ctx), {"copy_GBps": 10.0, "matmul_TFLOPs": 1.0}, log=lambda _: None)
+    smoke = shapes.shape_set("smoke")
+    want = {("mla_decode", d.label, "fwd") for d in shapes.mla_decode_shapes(smoke)}
+    want |= {("mla_attention", p.label, m) for p in shapes.mla_prefill_shapes(smoke) for m in ("fwd", "fwd+bwd")}
+    assert {(r.op, r.case, r.mode) for r in rows} == want
+    for r in rows:
+        assert r.status in ("ok", "unavailable"), (r.case, r.impl, r.status, r.note)
+        if r.kind == "torch" or r.impl == "reference":
+            assert r.status == "ok" and r.ms > 0 and r.TFLOPs > 0 and r.GBps > 0, r
+    impls = {r.impl for r in rows if r.op == "mla_decode"}
+    assert impls == {"torch bmm", "torch sdpa (mqa)", "triton", "cuda", "cpu", "reference"}
+    assert {r.impl for r in rows if r.op == "mla_attention"} == {"torch sdpa", "triton", "cuda", "cpu", "reference"}
+
+
+def test_mla_expanded_cache_generation_matches_the_latent_cache():
+    # the model-decode baseline: the expanded per-head cache gives the latent cache's logits (teacher-forced),
+    # also for a multi-token step after cached tokens (the masked SDPA branch), and the model's own
+    # cache-free forward's; the rows carry tokens/s and the cache sizes
+    import r1kernels
+
+    shape = shapes.mla_generate_shape(shapes.shape_set("smoke"))
+    setup = bench_mla.build_generation(shape)
+    assert setup.max_abs_diff <= bench_mla.MODEL_ATOL
+    model, prompt = setup.model, setup.prompt
+    ids = torch.cat([prompt, torch.randint(0, model.config.vocab_size, (shape.batch, 5))], dim=1)
+    with torch.no_grad():
+        full = model(ids)  # the expanded MLA over the whole sequence, no cache
+        cache = bench_mla.ExpandedKVCache(model.config, shape.batch, ids.shape[1], torch.float32, torch.device("cpu"))
+        steps = torch.cat([bench_mla.expanded_forward(model, ids[:, :3], cache),
+                           bench_mla.expanded_forward(model, ids[:, 3:7], cache),  # 4 tokens after 3 cached
+                           bench_mla.expanded_forward(model, ids[:, 7:], cache)], dim=1)
+    assert cache.length == ids.shape[1]
+    torch.testing.assert_close(steps, full, rtol=0, atol=bench_mla.MODEL_ATOL)
+    assert bench_mla.generate(setup.expanded, prompt, shape.new).shape == (shape.batch, shape.new)
+
+    ctx = harness.make_context("cpu", "smoke")
+    ctx.cpu_budget_s, ctx.cpu_min_runs, ctx.cpu_warmup = 0.0, 1, 0
+    rows = bench_mla.generation_rows(ctx, log=lambda _: None)
+    assert [(r.op, r.impl) for r in rows] == [("model-decode", "latent cache"), ("model-decode", "expanded cache")]
+    cfg = r1kernels.ModelConfig.preset("tiny")
+    for r in rows:
+        assert r.status == "ok" and r.ms > 0 and r.tokens_per_s > 0, r
+    assert rows[0].cache_bytes_per_token == bench_mla.latent_bytes_per_token(cfg, 4)
+    assert rows[1].cache_bytes_per_token == 4 * rows[0].cache_bytes_per_token  # tiny: H (Dqk + Dv) = 4 (L + R)
+    assert rows[0].max_abs_diff <= bench_mla.MODEL_ATOL and rows[0].vs_torch > 0

@@ -113,7 +113,8 @@ step() {
 # Limits and reserves: the build may take what the benchmarks and GPU tests leave (a pybind11 sm_90a module
 # built in 10 s on the H200; CUDA templates take longer); the benchmarks need about 2 minutes, of which the
 # MoE family is estimated at 15-30 s plus its Triton compilations (benchmarks/bench_moe.py: 22.5 GB of V3
-# expert weights, slow calls run about 8 times by do_bench). benchmarks.run rewrites bench.json / bench.md
+# expert weights, slow calls run about 8 times by do_bench) and the MLA family at about 30 s with its
+# compilations (benchmarks/bench_mla.py: 12 decode and 4 prefill cases). benchmarks.run rewrites bench.json / bench.md
 # after every family, so a bench step stopped at its limit still leaves the tables of the families that
 # finished.
 step build 200 250 build.log "$PY" setup.py build_ext --inplace
