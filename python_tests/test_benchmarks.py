@@ -249,7 +249,7 @@ def test_mla_shapes_and_formulas():
 
     tiny = r1kernels.ModelConfig.preset("tiny")
     assert bench_mla.latent_bytes_per_token(tiny, 4) == tiny.num_hidden_layers * 80 * 4
-    assert bench_mla.ExpandedKVCache.bytes_per_token(tiny, 4) == tiny.num_hidden_layers * 4 * (48 + 32) * 4
+    assert bench_mla.ExpandedKVCache.bytes_per_token(tiny, 4) == tiny.num_hidden_layers * 8 * (48 + 32) * 4  # 8 heads
     assert bench_mla.v3_cache_ratio() == pytest.approx(128 * 320 / 576)
 
 
@@ -320,5 +320,5 @@ def test_mla_expanded_cache_generation_matches_the_latent_cache():
     for r in rows:
         assert r.status == "ok" and r.ms > 0 and r.tokens_per_s > 0, r
     assert rows[0].cache_bytes_per_token == bench_mla.latent_bytes_per_token(cfg, 4)
-    assert rows[1].cache_bytes_per_token == 4 * rows[0].cache_bytes_per_token  # tiny: H (Dqk + Dv) = 4 (L + R)
+    assert rows[1].cache_bytes_per_token == 8 * rows[0].cache_bytes_per_token  # tiny: H (Dqk + Dv) = 8 (L + R)
     assert rows[0].max_abs_diff <= bench_mla.MODEL_ATOL and rows[0].vs_torch > 0

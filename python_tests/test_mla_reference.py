@@ -56,3 +56,28 @@ def test_decode_empty_request_gives_zero_not_nan():
     out, lse = ops.mla_decode(torch.randn(2, 1, 2, 8), kv, torch.tensor([[0], [1]], dtype=torch.int32),
                               torch.tensor([0, 0], dtype=torch.int32), softmax_scale=1.0, head_dim_v=4)
     assert torch.equal(out, torch.zeros_like(out)) and torch.isinf(lse).all()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("sq", [1, 2, 4])
+def test_cpu_batched_decode_matches_reference(sq, causal):
+    """The `cpu` backend (batched torch) against the reference on a random paged layout with NaN-poisoned
+    unused slots, garbage block-table entries past each request's pages, and a request of length 0."""
+    g = torch.Generator().manual_seed(10 + sq)
+    b, h, c, lv, page, m = 4, 3, 40, 32, 16, 4
+    lens = torch.tensor([0, sq, 17 + sq, 61], dtype=torch.int32)
+    kv = torch.full((20, page, c), float("nan"))
+    table = torch.randperm(20, generator=g)[: b * m].view(b, m).to(torch.int32)
+    for i, n in enumerate(lens.tolist()):
+        for p in range(n):
+            kv[table[i, p // page], p % page] = torch.randn(c, generator=g)
+        used = -(-n // page)
+        table[i, used:] = 10_000  # never dereferenced
+    q = torch.randn(b, sq, h, c, generator=g)
+    out, lse = ops.mla_decode(q, kv, table, lens, softmax_scale=0.3, causal=causal, head_dim_v=lv, backend="cpu")
+    table_ok = torch.where(table < 20, table, torch.zeros_like(table))
+    want, want_lse = ops.mla_decode(q, kv, table_ok, lens, softmax_scale=0.3, causal=causal, head_dim_v=lv,
+                                    backend="reference")
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)

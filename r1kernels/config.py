@@ -210,14 +210,15 @@ class ModelConfig:
     def preset(cls, name: str) -> "ModelConfig":
         """Named configurations.
 
-        ``"tiny"``: ~6M parameters, V3 semantics (MLA with q_lora, 16 experts in 4 groups, top-4, YaRN,
-        one MTP module), fast on a CPU. ``"v2-lite"``: DeepSeek-V2-Lite (15.7B). ``"v3"`` / ``"r1"``:
+        ``"tiny"``: ~8M parameters, V3 semantics (MLA with q_lora, 16 experts in 4 groups, top-4, YaRN,
+        one MTP module), fast on a CPU. 8 heads over an 80-wide latent row keep V3's point of MLA: the latent
+        cache (80 numbers per token and layer) is 8x smaller than per-head keys and values (8 x 80). ``"v2-lite"``: DeepSeek-V2-Lite (15.7B). ``"v3"`` / ``"r1"``:
         DeepSeek-V3 / R1 (671B; build it under ``torch.device("meta")``).
         """
         if name == "tiny":
             return cls(
                 vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                num_attention_heads=4, q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32,
+                num_attention_heads=8, q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32,
                 qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16, n_shared_experts=1,
                 num_experts_per_tok=4, moe_intermediate_size=128, n_group=4, topk_group=2,
                 first_k_dense_replace=1, routed_scaling_factor=2.5, max_position_embeddings=4096,

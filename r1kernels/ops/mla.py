@@ -9,6 +9,7 @@ import torch
 
 from .. import reference
 from .._dispatch import Impl, Op, always, triton_check
+from ._mla_cpu import MLA_DECODE_CPU
 from ._native import MLA_DECODE_CUDA
 from ._validate import FLOAT_DTYPES, check_tensor
 
@@ -86,7 +87,8 @@ MLA_CACHE_APPEND = Op("mla_cache_append", {"reference": Impl(reference.mla_cache
                                            "triton": Impl(_cache_append_triton, triton_check)})
 MLA_DECODE = Op("mla_decode", {"reference": Impl(_decode_ref, always),
                                "triton": Impl(_decode_triton, triton_check),
-                               "cuda": MLA_DECODE_CUDA})
+                               "cuda": MLA_DECODE_CUDA,
+                               "cpu": MLA_DECODE_CPU})
 
 
 def mla_attention(
