@@ -256,13 +256,14 @@ def test_native_argument_checks():
         with pytest.raises(ValueError, match=message):
             _C.moe_route_cpu(**{**good, **change})
     # The CUDA entry checks its own limits before it touches the runtime (so this runs without a GPU).
-    big = torch.zeros(1024)
+    # Every buffer sized for the claimed n_experts and kept alive, so only the limit under test can fail.
+    big, big_bias, big_counts = torch.zeros(1024), torch.zeros(1024), torch.zeros(1024, dtype=torch.int32)
+    big_args = {"n_group": 1, "topk_group": 1, "logits": big.data_ptr(), "bias": big_bias.data_ptr(),
+                "counts": big_counts.data_ptr()}
     with pytest.raises(ValueError, match="n_experts must be <= 512"):
-        _C.moe_route_cuda(**{**good, "n_experts": 1024, "n_group": 1, "topk_group": 1, "logits": big.data_ptr(), "stride_t": 1024,
-                             "counts": torch.zeros(1024, dtype=torch.int32).data_ptr()}, device=0, stream=0)
+        _C.moe_route_cuda(**{**good, **big_args, "n_experts": 1024, "stride_t": 1024}, device=0, stream=0)
     with pytest.raises(ValueError, match="experts per group"):
-        _C.moe_route_cuda(**{**good, "n_experts": 128, "n_group": 1, "topk_group": 1, "logits": big.data_ptr(), "stride_t": 128,
-                             "counts": torch.zeros(128, dtype=torch.int32).data_ptr()}, device=0, stream=0)
+        _C.moe_route_cuda(**{**good, **big_args, "n_experts": 128, "stride_t": 128}, device=0, stream=0)
 
 
 # ----------------------------------------------------------------------------------------------------

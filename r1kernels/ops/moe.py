@@ -205,7 +205,21 @@ def moe_experts(
     return MOE_EXPERTS(backend, x, w13, w2, weights, expert_ids, bool(deterministic))
 
 
-def update_routing_bias(bias: torch.Tensor, counts: torch.Tensor, gamma: float = 1e-3) -> torch.Tensor:
+def _bias_ref(bias, counts, gamma):
+    return reference.update_routing_bias(bias, counts, gamma)
+
+
+def _balance_ref(scores, expert_ids, alpha, mask):
+    return reference.sequence_balance_loss(scores, expert_ids, alpha=alpha, mask=mask)
+
+
+# Both are a handful of element-wise ops over [E] or [B, S, E]: the reference is the only backend.
+UPDATE_ROUTING_BIAS = Op("update_routing_bias", {"reference": Impl(_bias_ref, always)})
+SEQUENCE_BALANCE_LOSS = Op("sequence_balance_loss", {"reference": Impl(_balance_ref, always)})
+
+
+def update_routing_bias(bias: torch.Tensor, counts: torch.Tensor, gamma: float = 1e-3, *,
+                        backend: str = "auto") -> torch.Tensor:
     """Aux-loss-free balancing step, in place and without gradient: ``bias += gamma * sign(mean(counts) - counts)``.
 
     Args:
@@ -215,11 +229,11 @@ def update_routing_bias(bias: torch.Tensor, counts: torch.Tensor, gamma: float =
     """
     check_tensor("update_routing_bias", "bias", bias, ndim=1, dtypes=(torch.float32,))
     check_tensor("update_routing_bias", "counts", counts, shape=(bias.shape[0],), device=bias.device)
-    return reference.update_routing_bias(bias, counts, gamma)
+    return UPDATE_ROUTING_BIAS(backend, bias, counts, float(gamma))
 
 
 def sequence_balance_loss(scores: torch.Tensor, expert_ids: torch.Tensor, *, alpha: float = 1e-4,
-                          mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                          mask: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
     """DeepSeek-V3's sequence-wise balance loss ``alpha * sum_i f_i P_i`` (see the reference), differentiable in scores.
 
     Args:
@@ -233,4 +247,4 @@ def sequence_balance_loss(scores: torch.Tensor, expert_ids: torch.Tensor, *, alp
                  dtypes=(torch.int32, torch.int64), device=scores.device)
     if mask is not None:
         check_tensor("sequence_balance_loss", "mask", mask, shape=(b, s), dtypes=(torch.bool,), device=scores.device)
-    return reference.sequence_balance_loss(scores, expert_ids, alpha=alpha, mask=mask)
+    return SEQUENCE_BALANCE_LOSS(backend, scores, expert_ids, float(alpha), mask)
