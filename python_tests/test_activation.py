@@ -17,7 +17,7 @@ def _rand(*shape, dtype=torch.float32, scale=1.0, seed=0):
     return (torch.randn(shape, generator=g) * scale).to(device=DEV, dtype=dtype)
 
 
-def _check(gate, up, dy=None):
+def assert_matches_reference(gate, up, dy=None):
     """Triton forward and backward against the reference and its explicit backward."""
     dy = _rand(*gate.shape, dtype=gate.dtype, seed=9) if dy is None else dy
     g = gate.detach().requires_grad_(True)
@@ -34,7 +34,7 @@ def _check(gate, up, dy=None):
 @pytest.mark.parametrize("dtype", INTERP_DTYPES)
 @pytest.mark.parametrize("shape", [(), (1,), (3, 17), (17, 129), (2, 3, 129), (129, 1), (1000, 2048), (7, 3001)])
 def test_forward_backward_match_reference(shape, dtype):
-    _check(_rand(*shape, dtype=dtype, scale=2.0), _rand(*shape, dtype=dtype, seed=1))
+    assert_matches_reference(_rand(*shape, dtype=dtype, scale=2.0), _rand(*shape, dtype=dtype, seed=1))
 
 
 @pytest.mark.parametrize("shape", [(3, 17), (2, 5, 129)])
@@ -57,7 +57,7 @@ def test_halves_of_a_fused_projection(dtype):
     h = _rand(2, 17, 2 * i, dtype=dtype, scale=2.0).requires_grad_(True)
     gate, up = h[..., :i], h[..., i:]
     assert not gate.is_contiguous() and not up.is_contiguous()
-    _check(gate, up)
+    assert_matches_reference(gate, up)
     # gradients flow back into the fused tensor
     dy = _rand(2, 17, i, dtype=dtype, seed=3)
     ops.swiglu(gate, up, backend="triton").backward(dy)
@@ -71,10 +71,10 @@ def test_other_strides(dtype):
     gate = _rand(129, 40, dtype=dtype, scale=2.0).t()
     up = _rand(40, 129, dtype=dtype, seed=1)
     dy = _rand(129, 40, dtype=dtype, seed=2).t()
-    _check(gate, up, dy)
+    assert_matches_reference(gate, up, dy)
     g3 = _rand(5, 3, 33, dtype=dtype, scale=2.0).transpose(0, 1)
     u3 = _rand(3, 33, 5, dtype=dtype, seed=1).permute(0, 2, 1)
-    _check(g3, u3)
+    assert_matches_reference(g3, u3)
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # numpy, under the interpreter
@@ -82,7 +82,7 @@ def test_large_magnitudes_stay_finite():
     # silu saturates: exp(-g) overflows to inf for very negative g, which must give 0, not NaN.
     gate = torch.tensor([[-1000.0, -100.0, -20.0, 0.0, 20.0, 100.0, 1000.0]], device=DEV)
     up = torch.full_like(gate, 0.5)
-    _check(gate, up, dy=torch.ones_like(gate))
+    assert_matches_reference(gate, up, dy=torch.ones_like(gate))
     assert torch.isfinite(ops.swiglu(gate, up, backend="triton")).all()
 
 
@@ -115,8 +115,8 @@ def test_errors_name_the_argument():
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(3, 17), (4096, 2048), (129, 18432), (2, 3, 129)])
 def test_bf16_on_gpu(shape):
-    _check(_rand(*shape, dtype=torch.bfloat16, scale=2.0), _rand(*shape, dtype=torch.bfloat16, seed=1))
+    assert_matches_reference(_rand(*shape, dtype=torch.bfloat16, scale=2.0), _rand(*shape, dtype=torch.bfloat16, seed=1))
     # halves of a fused projection
     i = shape[-1]
     h = _rand(*shape[:-1], 2 * i, dtype=torch.bfloat16, scale=2.0, seed=2)
-    _check(h[..., :i], h[..., i:])
+    assert_matches_reference(h[..., :i], h[..., i:])

@@ -79,7 +79,7 @@ def _abs_sums(q, k, v, cu, scale, causal, dout, dlse):
     return sums
 
 
-def _check(q, k, v, cu, max_seqlen, causal, dout, dlse, scale=None):
+def assert_matches_reference(q, k, v, cu, max_seqlen, causal, dout, dlse, scale=None):
     dtype = q.dtype
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     out, lse, grads = _triton(q, k, v, cu, max_seqlen, scale, causal, dout, dlse)
@@ -122,7 +122,7 @@ CASES = {
 def test_forward_backward_match_reference(case, causal, dtype):
     lens, h, dqk, dv = CASES[case]
     (q, k, v), cu, dout, dlse = _problem(lens, h, dqk, dv, dtype, seed=len(case) + 2 * causal)
-    _check(q, k, v, cu, max(lens), causal, dout, dlse)
+    assert_matches_reference(q, k, v, cu, max(lens), causal, dout, dlse)
 
 
 # A long sequence (several query / key tiles each side of the diagonal), alone and with short neighbours;
@@ -134,7 +134,7 @@ def test_forward_backward_match_reference(case, causal, dtype):
 ], ids=["1000-causal-fp32", "varlen-1000-full-fp32", "1000-causal-fp16"])
 def test_long_sequence(lens, causal, dtype):
     (q, k, v), cu, dout, dlse = _problem(lens, 1, 32, 16, dtype, seed=3)
-    _check(q, k, v, cu, max(lens), causal, dout, dlse)
+    assert_matches_reference(q, k, v, cu, max(lens), causal, dout, dlse)
 
 
 # The interpreter's launch config uses square tiles; the GPU's are not (BM 128 / BN 32..64 forward, BM 32..64 /
@@ -147,13 +147,13 @@ def test_rectangular_tiles(bm, bn, causal, monkeypatch):
     monkeypatch.setattr(tmla, "_config", lambda *args, **kw: dict(BM=bm, BN=bn, opts={}))
     lens = [1, 17, 100, 0, 129, 64]
     (q, k, v), cu, dout, dlse = _problem(lens, 1, 48, 32, seed=bm + bn)
-    _check(q, k, v, cu, max(lens), causal, dout, dlse)
+    assert_matches_reference(q, k, v, cu, max(lens), causal, dout, dlse)
 
 
 def test_max_seqlen_larger_than_needed_and_custom_scale():
     # max_seqlen only sizes the grid: a generous bound gives the same result (extra programs exit)
     (q, k, v), cu, dout, dlse = _problem([17, 5], 2, 48, 32, seed=4)
-    out, lse, grads = _check(q, k, v, cu, 200, True, dout, dlse, scale=0.37)
+    out, lse, grads = assert_matches_reference(q, k, v, cu, 200, True, dout, dlse, scale=0.37)
     out2, lse2, grads2 = _triton(q, k, v, cu, 17, 0.37, True, dout, dlse)
     assert torch.equal(out, out2) and torch.equal(lse, lse2)
     assert all(torch.equal(a, b) for a, b in zip(grads, grads2))
@@ -175,11 +175,11 @@ def test_non_contiguous_inputs_as_the_mla_module_builds_them(dtype):
     dlse = torch.randn(t, h, generator=g).to(DEV).t()  # [H, T] with row stride 1
     assert not (q.is_contiguous() or v.is_contiguous() or dout.is_contiguous() or dlse.is_contiguous())
     cu = _cu(lens)
-    _check(q, k, v, cu, 17, True, dout, dlse)
+    assert_matches_reference(q, k, v, cu, 17, True, dout, dlse)
     # head-major k (token stride Dqk, head stride T * Dqk) and a last dim with stride 2
     k_hm = k.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(True)
     q_s2 = torch.randn(t, h, 2 * (dn + r), generator=g).to(device=DEV, dtype=dtype).requires_grad_(True)[:, :, ::2]
-    _check(q_s2, k_hm, v, cu, 17, False, dout, dlse)
+    assert_matches_reference(q_s2, k_hm, v, cu, 17, False, dout, dlse)
 
 
 def test_without_lse_and_only_some_grads():
@@ -279,14 +279,14 @@ V3_GPU_CASES = {
 def test_v3_dims_on_gpu(case, causal, dtype):
     lens, h = V3_GPU_CASES[case]
     (q, k, v), cu, dout, dlse = _problem(lens, h, 192, 128, dtype, seed=11)
-    _check(q, k, v, cu, max(lens), causal, dout, dlse)
+    assert_matches_reference(q, k, v, cu, max(lens), causal, dout, dlse)
 
 
 @pytest.mark.gpu
 def test_fp32_on_gpu_is_ieee():
     # fp32 dots must not drop to TF32 (which would miss the 1e-5 tolerance by orders of magnitude)
     (q, k, v), cu, dout, dlse = _problem([300, 0, 77], 2, 192, 128, seed=12)
-    _check(q, k, v, cu, 300, True, dout, dlse)
+    assert_matches_reference(q, k, v, cu, 300, True, dout, dlse)
 
 
 @pytest.mark.gpu

@@ -54,7 +54,7 @@ def _problem(lens, *, sq, h, page, dtype, device="cuda", seed=0, **kw):
     return q, kv, table, torch.tensor(lens, dtype=torch.int32, device=device)
 
 
-def _check(q, kv, table, lens, *, causal=True, num_splits=None, kv_view=None):
+def assert_matches_reference(q, kv, table, lens, *, causal=True, num_splits=None, kv_view=None):
     """The kernel (by ops.mla_decode with backend="cuda", or the custom op with a forced split count)
     against the reference; ``kv_view``: run the kernel on this view of the cache instead."""
     kv_k = kv if kv_view is None else kv_view
@@ -93,7 +93,7 @@ def _needs_cuda_part():
 def test_cuda_matches_reference(dtype, h, sq, page):
     _needs_cuda_part()
     q, kv, table, lens = _problem(LENS, sq=sq, h=h, page=page, dtype=dtype, seed=sq * 1000 + h + page)
-    out, lse = _check(q, kv, table, lens)
+    out, lse = assert_matches_reference(q, kv, table, lens)
     # Length 0 and, with Sq > 1, the queries of a length-1 request that precede its only token see nothing.
     assert out[0].eq(0).all() and lse[0].eq(float("-inf")).all()
     if sq > 1:
@@ -109,7 +109,7 @@ def test_cuda_forced_split_counts(num_splits, dtype):
     splits that get no token (64 splits of a 17-token request) and a 64-token request in 64 splits."""
     _needs_cuda_part()
     q, kv, table, lens = _problem([17, 4096, 0, 64, 1000, 1], sq=2, h=128, page=64, dtype=dtype, seed=num_splits)
-    _check(q, kv, table, lens, num_splits=num_splits)
+    assert_matches_reference(q, kv, table, lens, num_splits=num_splits)
 
 
 @pytest.mark.gpu
@@ -117,7 +117,7 @@ def test_cuda_forced_split_counts(num_splits, dtype):
 def test_cuda_not_causal(sq):
     _needs_cuda_part()
     q, kv, table, lens = _problem([5, 300, 2049, 0], sq=sq, h=16, page=64, dtype=torch.bfloat16, seed=7)
-    _check(q, kv, table, lens, causal=False)
+    assert_matches_reference(q, kv, table, lens, causal=False)
 
 
 @pytest.mark.gpu
@@ -129,11 +129,11 @@ def test_cuda_other_page_sizes_and_strided_cache(page):
     q, kv_wide, table, seqlens = _problem(lens, sq=2, h=16, page=page, dtype=torch.bfloat16, seed=page, width=640)
     kv = kv_wide[:, :, :C]
     assert not kv.is_contiguous()
-    _check(q, kv.contiguous(), table, seqlens, kv_view=kv)
+    assert_matches_reference(q, kv.contiguous(), table, seqlens, kv_view=kv)
     # A strided q (a slice along H) and a transposed block table are copied by the op, with the same result.
     q2 = torch.randn(4, 2, 32, C, device="cuda", dtype=torch.bfloat16)[:, :, ::2]
     t2 = table.t().contiguous().t()
-    _check(q2, kv.contiguous(), t2, seqlens)
+    assert_matches_reference(q2, kv.contiguous(), t2, seqlens)
 
 
 @pytest.mark.gpu
@@ -149,7 +149,7 @@ def test_cuda_large_batch_one_split_and_scheduling():
     assert _C.mla_decode_cuda_num_splits(96, 128, m * p, dev) == 1
     assert 1 < _C.mla_decode_cuda_num_splits(2, 16, 64 * 4096, dev) <= 64
     assert _C.mla_decode_cuda_num_splits(2, 16, 32, dev) == 1  # too short to split
-    _check(q, kv, table, seqlens)
+    assert_matches_reference(q, kv, table, seqlens)
 
 
 @pytest.mark.gpu

@@ -28,7 +28,7 @@ def _ids(t, k, e, *, seed, kind="uniform", dtype=torch.int32, device="cpu"):
     return ids.to(device=device, dtype=dtype)
 
 
-def _check(backend, ids, e, bm):
+def assert_matches_reference(backend, ids, e, bm):
     got = ops.moe_align(ids, e, bm, backend=backend)
     want = reference.moe_align(ids.cpu(), e, bm)
     names = ("sorted_slots", "block_expert", "num_padded", "counts")
@@ -45,21 +45,21 @@ SHAPES = [(1, 1, 4), (1, 8, 256), (3, 2, 64), (7, 3, 5), (64, 6, 64), (300, 8, 2
 @pytest.mark.parametrize("t,k,e", SHAPES)
 @pytest.mark.parametrize("bm", [1, 16, 64, 128])
 def test_triton_matches_reference(t, k, e, bm):
-    _check("triton", _ids(t, k, e, seed=t * k + e, kind="routed" if k <= e else "uniform"), e, bm)
+    assert_matches_reference("triton", _ids(t, k, e, seed=t * k + e, kind="routed" if k <= e else "uniform"), e, bm)
 
 
 @pytest.mark.parametrize("kind", ["uniform", "skewed"])
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64], ids=str)
 def test_triton_distributions_and_id_dtypes(kind, dtype):
-    _check("triton", _ids(200, 8, 64, seed=1, kind=kind, dtype=dtype), 64, 16)
+    assert_matches_reference("triton", _ids(200, 8, 64, seed=1, kind=kind, dtype=dtype), 64, 16)
 
 
 def test_triton_layouts_and_edge_cases():
     ids = _ids(40, 6, 32, seed=2)
-    _check("triton", ids.t().contiguous().t(), 32, 16)  # non-contiguous [T, K]
-    _check("triton", torch.zeros(5, 3, dtype=torch.int32), 8, 4)  # every slot on expert 0
-    _check("triton", torch.full((5, 3), 7, dtype=torch.int32), 8, 128)  # every slot on the last expert
-    _check("triton", torch.empty(0, 8, dtype=torch.int32), 16, 64)  # no tokens: S_max = 0
+    assert_matches_reference("triton", ids.t().contiguous().t(), 32, 16)  # non-contiguous [T, K]
+    assert_matches_reference("triton", torch.zeros(5, 3, dtype=torch.int32), 8, 4)  # every slot on expert 0
+    assert_matches_reference("triton", torch.full((5, 3), 7, dtype=torch.int32), 8, 128)  # every slot on the last expert
+    assert_matches_reference("triton", torch.empty(0, 8, dtype=torch.int32), 16, 64)  # no tokens: S_max = 0
 
 
 def test_sizes_come_from_the_shapes():
@@ -126,20 +126,20 @@ def _cuda_backends():
 def test_gpu_matches_reference(t, k, e, bm):
     for backend in _cuda_backends():
         for kind, dtype in (("routed" if k <= e else "uniform", torch.int32), ("skewed", torch.int64)):
-            _check(backend, _ids(t, k, e, seed=t + e + bm, kind=kind, dtype=dtype, device="cuda"), e, bm)
+            assert_matches_reference(backend, _ids(t, k, e, seed=t + e + bm, kind=kind, dtype=dtype, device="cuda"), e, bm)
 
 
 @pytest.mark.gpu
 def test_gpu_edge_cases_dispatch_and_stream():
     for backend in _cuda_backends():
-        _check(backend, torch.empty(0, 8, dtype=torch.int32, device="cuda"), 16, 64)
-        _check(backend, torch.zeros(1, 1, dtype=torch.int32, device="cuda"), 256, 128)
-        _check(backend, _ids(50, 6, 32, seed=3, device="cuda").t().contiguous().t(), 32, 16)
+        assert_matches_reference(backend, torch.empty(0, 8, dtype=torch.int32, device="cuda"), 16, 64)
+        assert_matches_reference(backend, torch.zeros(1, 1, dtype=torch.int32, device="cuda"), 256, 128)
+        assert_matches_reference(backend, _ids(50, 6, 32, seed=3, device="cuda").t().contiguous().t(), 32, 16)
     ids = _ids(64, 8, 256, seed=4, device="cuda")
     want = "cuda" if "cuda" in _cuda_backends() else "triton"
     assert ops.MOE_ALIGN.select("auto", ids, 256, 64)[0] == want
     assert ops.MOE_ALIGN.select("auto", ids, 8192, 64)[0] == "triton"  # past the CUDA kernel's shared memory
-    _check("triton", ids, 8192, 64)
+    assert_matches_reference("triton", ids, 8192, 64)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):

@@ -35,7 +35,7 @@ def _positions(*shape, seed=0):
     return torch.randint(0, 160_000, shape, generator=g)  # beyond the original 4096: the YaRN range
 
 
-def _check(x, cos, sin, interleaved, dy=None):
+def assert_matches_reference(x, cos, sin, interleaved, dy=None):
     """Triton forward and backward (autograd) against the reference, and torch autograd through it."""
     dy = _rand(*x.shape, dtype=x.dtype, seed=9) if dy is None else dy
     xt = x.detach().requires_grad_(True)
@@ -55,7 +55,7 @@ def _check(x, cos, sin, interleaved, dy=None):
 def test_3d_matches_reference(t, h, d, interleaved, dtype):
     x = _rand(t, h, d, dtype=dtype)
     cos, sin = _cos_sin(_positions(t), d)
-    _check(x, cos, sin, interleaved)
+    assert_matches_reference(x, cos, sin, interleaved)
 
 
 @pytest.mark.parametrize("dtype", INTERP_DTYPES)
@@ -64,9 +64,9 @@ def test_3d_matches_reference(t, h, d, interleaved, dtype):
 def test_4d_matches_reference_per_batch_and_broadcast(b, s, h, d, interleaved, dtype):
     x = _rand(b, s, h, d, dtype=dtype)
     cos, sin = _cos_sin(_positions(b, s), d)  # [B, S, P]: each sequence its own positions
-    _check(x, cos, sin, interleaved)
+    assert_matches_reference(x, cos, sin, interleaved)
     cos_s, sin_s = _cos_sin(torch.arange(s) + 4000, d)  # [S, P]: shared by the batch
-    _check(x, cos_s, sin_s, interleaved)
+    assert_matches_reference(x, cos_s, sin_s, interleaved)
 
 
 @pytest.mark.parametrize("dtype", INTERP_DTYPES)
@@ -75,25 +75,25 @@ def test_non_contiguous_inputs(interleaved, dtype):
     t, h = 17, 3
     cos, sin = _cos_sin(_positions(t))
     # [H, T, D] transposed to [T, H, D]
-    _check(_rand(h, t, 64, dtype=dtype).transpose(0, 1), cos, sin, interleaved)
+    assert_matches_reference(_rand(h, t, 64, dtype=dtype).transpose(0, 1), cos, sin, interleaved)
     # the rope part of a wider per-head vector (MLA's q: 128 nope + 64 rope channels)
     q = _rand(t, h, 192, dtype=dtype, seed=1)
     x = q[..., 128:]
     assert not x.is_contiguous()
-    _check(x, cos, sin, interleaved)
+    assert_matches_reference(x, cos, sin, interleaved)
     # channels with stride 2, cos / sin transposed in memory, dy permuted
     x = _rand(t, h, 128, dtype=dtype, seed=2)[..., ::2]
     cos_t, sin_t = cos.t().contiguous().t(), sin.t().contiguous().t()
     assert not cos_t.is_contiguous()
     dy = _rand(64, h, t, dtype=dtype, seed=3).permute(2, 1, 0)
-    _check(x, cos_t, sin_t, interleaved, dy=dy)
+    assert_matches_reference(x, cos_t, sin_t, interleaved, dy=dy)
     # cos and sin with different strides from each other
-    _check(x, cos, sin_t, interleaved)
-    _check(x, cos_t, sin, interleaved)
+    assert_matches_reference(x, cos, sin_t, interleaved)
+    assert_matches_reference(x, cos_t, sin, interleaved)
     # 4-D [B, S, H, D] made from [B, H, S, D]
     b, s = 2, 17
     cos4, sin4 = _cos_sin(_positions(b, s, seed=4))
-    _check(_rand(b, h, s, 64, dtype=dtype, seed=5).transpose(1, 2), cos4, sin4, interleaved)
+    assert_matches_reference(_rand(b, h, s, 64, dtype=dtype, seed=5).transpose(1, 2), cos4, sin4, interleaved)
 
 
 @pytest.mark.parametrize("interleaved", LAYOUTS)
@@ -162,7 +162,7 @@ def test_errors_name_the_argument():
 def test_bf16_on_gpu(shape, interleaved):
     x = _rand(*shape, dtype=torch.bfloat16)
     cos, sin = _cos_sin(_positions(*shape[:-2]))
-    _check(x, cos, sin, interleaved)
+    assert_matches_reference(x, cos, sin, interleaved)
     if x.dim() == 4:
         cos_s, sin_s = _cos_sin(torch.arange(shape[1]))
-        _check(x, cos_s, sin_s, interleaved)
+        assert_matches_reference(x, cos_s, sin_s, interleaved)
