@@ -60,7 +60,7 @@ def _naive(q, rows, sq, scale, causal, v):
     return out, lse
 
 
-def _check(lens, *, sq, h, c, v, page, dtype, causal=True, scale=0.125, seed=0, num_splits=None, naive=True):
+def assert_matches_reference(lens, *, sq, h, c, v, page, dtype, causal=True, scale=0.125, seed=0, num_splits=None, naive=True):
     kv, table, rows = _paged(lens, c, page, dtype, seed)
     g = torch.Generator().manual_seed(seed + 1)
     q = torch.randn(len(lens), sq, h, c, generator=g).to(dtype=dtype, device=DEV)
@@ -96,20 +96,20 @@ def test_decode_matches_reference_and_naive(dtype, page, sq, causal, h):
     # 0: empty request; 1: with Sq > 1 and causal, the first queries see nothing (out 0, lse -inf);
     # 17 and 129: tiles and pages cut mid-way.
     lens = [0, 1, 17, 129] if causal else [0, max(1, sq), 17, 129]
-    _check(lens, sq=sq, h=h, c=48, v=32, page=page, dtype=dtype, causal=causal, seed=sq * 7 + h)
+    assert_matches_reference(lens, sq=sq, h=h, c=48, v=32, page=page, dtype=dtype, causal=causal, seed=sq * 7 + h)
 
 
 @pytest.mark.parametrize("sq", [1, 4])
 @pytest.mark.parametrize("num_splits", [None, 1, 5])
 def test_long_request(sq, num_splits):
     """Length 1000 (small dims) next to a short one; the splits of the long one are all busy."""
-    _check([1000, 5], sq=sq, h=4, c=32, v=16, page=16, dtype=torch.float32, seed=11, num_splits=num_splits)
+    assert_matches_reference([1000, 5], sq=sq, h=4, c=32, v=16, page=16, dtype=torch.float32, seed=11, num_splits=num_splits)
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 7, 16])
 def test_split_merge(num_splits):
     """More splits than some requests have tiles: empty splits must carry lse -inf and no weight."""
-    _check([0, 1, 65, 200, 130], sq=2, h=4, c=48, v=32, page=16, dtype=torch.float32, seed=num_splits,
+    assert_matches_reference([0, 1, 65, 200, 130], sq=2, h=4, c=48, v=32, page=16, dtype=torch.float32, seed=num_splits,
            num_splits=num_splits)
 
 
@@ -117,13 +117,13 @@ def test_split_merge(num_splits):
 @pytest.mark.parametrize("sq", [1, 2])
 def test_v3_dims(dtype, sq):
     """C = 576 = 512 + 64, values the first 512 columns, page 64, at small lengths."""
-    _check([0, 3, 70], sq=sq, h=16, c=576, v=512, page=64, dtype=dtype, seed=sq, naive=dtype == torch.float32)
+    assert_matches_reference([0, 3, 70], sq=sq, h=16, c=576, v=512, page=64, dtype=dtype, seed=sq, naive=dtype == torch.float32)
 
 
 @pytest.mark.parametrize("c,v", [(48, 48), (40, 24), (80, 64)], ids=["no-rest", "odd-widths", "tiny-preset"])
 def test_other_widths(c, v):
     """Values as wide as the row (no rope part), widths that are not powers of two, the tiny preset's 64 + 16."""
-    _check([3, 33], sq=2, h=4, c=c, v=v, page=16, dtype=torch.float32, seed=c)
+    assert_matches_reference([3, 33], sq=2, h=4, c=c, v=v, page=16, dtype=torch.float32, seed=c)
 
 
 def test_strided_inputs():
@@ -314,13 +314,13 @@ def test_tiny_model_decodes_token_by_token_through_triton(monkeypatch):
 @pytest.mark.parametrize("h", [16, 128])
 @pytest.mark.parametrize("sq", [1, 2])
 def test_v3_dims_on_gpu(dtype, h, sq):
-    _check([0, 1, 257, 2000], sq=sq, h=h, c=576, v=512, page=64, dtype=dtype, seed=h + sq, naive=False)
+    assert_matches_reference([0, 1, 257, 2000], sq=sq, h=h, c=576, v=512, page=64, dtype=dtype, seed=h + sq, naive=False)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("num_splits", [1, 4, 64])
 def test_v3_dims_bf16_splits_on_gpu(num_splits):
-    _check([4096, 1, 300], sq=2, h=128, c=576, v=512, page=64, dtype=torch.bfloat16, seed=9, naive=False,
+    assert_matches_reference([4096, 1, 300], sq=2, h=128, c=576, v=512, page=64, dtype=torch.bfloat16, seed=9, naive=False,
            num_splits=num_splits)
 
 

@@ -160,7 +160,7 @@ def test_auto_takes_cpu_backend_on_cpu_tensors():
     assert r1kernels.info()["ops"]["moe_experts"]["cpu"]["cpu"] == "ok"
 
 
-def _expect_fallback(args, match):
+def assert_falls_back(args, match):
     """The cpu backend declines with a reason matching ``match``; auto then runs the reference."""
     why = _moe_grouped.reason(*args)
     assert why is not None and match in why, why
@@ -171,23 +171,23 @@ def _expect_fallback(args, match):
 
 
 def test_unaligned_hidden_size_falls_back():
-    _expect_fallback(_inputs(5, 33, 16, 4, 2), "D (hidden size) = 33")
+    assert_falls_back(_inputs(5, 33, 16, 4, 2), "D (hidden size) = 33")
 
 
 def test_unaligned_intermediate_size_falls_back():
-    _expect_fallback(_inputs(5, 32, 6, 4, 2), "I (expert intermediate size) = 6")
+    assert_falls_back(_inputs(5, 32, 6, 4, 2), "I (expert intermediate size) = 6")
 
 
 def test_bf16_needs_multiples_of_8():
     # 16 bytes are 4 fp32 but 8 bf16 elements: D = 36 runs in fp32 and not in bf16
     assert _moe_grouped.reason(*_inputs(5, 36, 16, 4, 2)) is None
-    _expect_fallback(_inputs(5, 36, 16, 4, 2, dtype=torch.bfloat16), "not a multiple of 8")
+    assert_falls_back(_inputs(5, 36, 16, 4, 2, dtype=torch.bfloat16), "not a multiple of 8")
 
 
 def test_weights_with_unaligned_row_stride_fall_back():
     x, w13, w2, weights, ids = _inputs(5, 32, 16, 4, 2)
     w13_wide = torch.cat((w13, torch.zeros(4, 32, 1)), 2)[:, :, :32]  # rows 33 floats apart
-    _expect_fallback((x, w13_wide, w2, weights, ids), "w13")
+    assert_falls_back((x, w13_wide, w2, weights, ids), "w13")
 
 
 def test_fallback_reasons_without_grouped_mm_under_compile_and_off_cpu(monkeypatch):

@@ -102,7 +102,7 @@ def _abs_sums(x, w13, w2, weights, ids, dy):
     return [y, dx, dw13, dw2, dweights.view(t, k)]
 
 
-def _check(x, w13, w2, weights, ids, deterministic=False, dy=None):
+def assert_matches_reference(x, w13, w2, weights, ids, deterministic=False, dy=None):
     dtype = x.dtype
     dy = _dy(x.shape[0], x.shape[1], dtype) if dy is None else dy
     y, grads = _triton(x, w13, w2, weights, ids, dy, deterministic)
@@ -134,7 +134,7 @@ def _check(x, w13, w2, weights, ids, deterministic=False, dy=None):
 @pytest.mark.parametrize("k", [1, 2, 4])
 @pytest.mark.parametrize("t", [1, 5, 33])
 def test_forward_backward_match_reference(t, k, e, d, i, dtype):
-    _check(*_problem(t, d, i, e, k, dtype=dtype, seed=t * 100 + k * 10 + e))
+    assert_matches_reference(*_problem(t, d, i, e, k, dtype=dtype, seed=t * 100 + k * 10 + e))
 
 
 @pytest.mark.parametrize("ids", [
@@ -146,7 +146,7 @@ def test_experts_without_tokens(ids):
     ids = torch.tensor(ids, dtype=torch.int64)  # int64 ids are accepted too
     t, k = ids.shape
     x, w13, w2, weights, ids = _problem(t, 40, 24, 8, k, ids=ids)
-    _, grads = _check(x, w13, w2, weights, ids)
+    _, grads = assert_matches_reference(x, w13, w2, weights, ids)
     used = torch.zeros(8, dtype=torch.bool)
     used[ids.reshape(-1).cpu()] = True
     assert torch.equal(grads[1][~used], torch.zeros_like(grads[1][~used]))  # exactly zero, not garbage
@@ -162,14 +162,14 @@ def test_with_every_align_backend():
             continue  # e.g. the CUDA kernel on a CPU machine
         assert backend in ("reference", "triton", dev_kind)
         with r1kernels.use_backend(backend):  # moe_align inside follows it; moe_experts is forced to triton
-            _check(*problem)
+            assert_matches_reference(*problem)
 
 
 @pytest.mark.parametrize("dtype", INTERP_DTYPES)
 def test_deterministic_is_bitwise_reproducible(dtype):
     problem = _problem(33, 72, 56, 16, 4, dtype=dtype, seed=3)
     dy = _dy(33, 72, dtype, seed=4)
-    y1, g1 = _check(*problem, deterministic=True, dy=dy)
+    y1, g1 = assert_matches_reference(*problem, deterministic=True, dy=dy)
     y2, g2 = _triton(*problem, dy, deterministic=True)
     assert torch.equal(y1, y2)
     for a, b in zip(g1, g2):
@@ -189,8 +189,8 @@ def test_non_contiguous_inputs(dtype):
     dy = _dy(40, 17, dtype).t()  # dy transposed too
     for a in (x_t, w13_t, w2_s, weights_t, ids_t, dy):
         assert not a.is_contiguous()
-    _check(x_t, w13_t, w2_s, weights_t, ids_t, dy=dy)
-    _check(x[::2], w13, w2, weights[::2], ids[::2])  # every other row: row stride 2D
+    assert_matches_reference(x_t, w13_t, w2_s, weights_t, ids_t, dy=dy)
+    assert_matches_reference(x[::2], w13, w2, weights[::2], ids[::2])  # every other row: row stride 2D
 
 
 def test_only_the_needed_grads_and_inference():
@@ -255,7 +255,7 @@ def test_forced_triton_without_interpreter_raises(monkeypatch):
 @pytest.mark.parametrize("shape", [(33, 72, 56, 16, 4), (257, 256, 192, 16, 4), (1000, 512, 384, 64, 6)],
                          ids=lambda s: "T{}-D{}-I{}-E{}-K{}".format(*s))
 def test_bf16_on_gpu(shape, deterministic):
-    _check(*_problem(*shape, dtype=torch.bfloat16), deterministic=deterministic)
+    assert_matches_reference(*_problem(*shape, dtype=torch.bfloat16), deterministic=deterministic)
 
 
 @pytest.mark.gpu
@@ -263,7 +263,7 @@ def test_bf16_on_gpu(shape, deterministic):
                          ids=lambda s: "T{}-D{}-I{}-E{}-K{}".format(*s))
 def test_fp32_on_gpu_is_ieee(shape):
     # fp32 dots must not drop to TF32 (which would miss the 1e-5 tolerance by orders of magnitude)
-    _check(*_problem(*shape, dtype=torch.float32))
+    assert_matches_reference(*_problem(*shape, dtype=torch.float32))
 
 
 @pytest.mark.gpu

@@ -38,7 +38,7 @@ def _inputs(t, e, *, seed, dtype=torch.float32, device="cpu", ties=False):
     return logits.to(device=device, dtype=dtype), bias.to(device)
 
 
-def _check(backend, logits, bias, **kw):
+def assert_matches_reference(backend, logits, bias, **kw):
     kw.setdefault("routed_scaling_factor", 2.5)
     w, ids, counts = ops.moe_route(logits, bias, return_counts=True, backend=backend, **kw)
     w_ref, ids_ref, counts_ref = reference.moe_route(logits, bias, return_counts=True, **kw)
@@ -60,7 +60,7 @@ def test_matches_reference(backend, e, n_group, score_func, group_score):
     topk_group, k = _groups(e, n_group)
     norm = (e // 8 + n_group) % 2 == 0  # both settings across the matrix
     logits, bias = _inputs(300, e, seed=e * 31 + n_group)
-    _check(backend, logits, bias, top_k=k, n_group=n_group, topk_group=topk_group, score_func=score_func,
+    assert_matches_reference(backend, logits, bias, top_k=k, n_group=n_group, topk_group=topk_group, score_func=score_func,
            group_score=group_score, norm_topk_prob=norm)
 
 
@@ -72,7 +72,7 @@ def test_exact_ties_resolve_like_the_reference(backend, e, n_group, score_func, 
     """Quantised logits and biases: many equal experts and equal groups; order must match exactly."""
     topk_group, k = _groups(e, n_group)
     logits, bias = _inputs(300, e, seed=e + n_group, ties=True)
-    _check(backend, logits, bias, top_k=k, n_group=n_group, topk_group=topk_group, score_func=score_func,
+    assert_matches_reference(backend, logits, bias, top_k=k, n_group=n_group, topk_group=topk_group, score_func=score_func,
            group_score=group_score, norm_topk_prob=norm)
 
 
@@ -81,16 +81,16 @@ def test_exact_ties_resolve_like_the_reference(backend, e, n_group, score_func, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_token_counts_and_dtypes(backend, t, dtype):
     logits, bias = _inputs(t, 256, seed=t, dtype=dtype)
-    _check(backend, logits, bias, top_k=8, n_group=8, topk_group=4)
-    _check(backend, logits, None, top_k=6, score_func="softmax", group_score="max", norm_topk_prob=False)
+    assert_matches_reference(backend, logits, bias, top_k=8, n_group=8, topk_group=4)
+    assert_matches_reference(backend, logits, None, top_k=6, score_func="softmax", group_score="max", norm_topk_prob=False)
 
 
 @needs_c
 def test_cpu_bfloat16_and_all_experts_chosen():
     logits, bias = _inputs(33, 64, seed=5, dtype=torch.bfloat16)
-    _check("cpu", logits, bias, top_k=6, n_group=8, topk_group=3)
-    _check("cpu", logits, bias, top_k=64)  # K = E: every expert, in order
-    _check("cpu", logits, bias, top_k=8, n_group=64, topk_group=8)  # one expert per group: score = its max
+    assert_matches_reference("cpu", logits, bias, top_k=6, n_group=8, topk_group=3)
+    assert_matches_reference("cpu", logits, bias, top_k=64)  # K = E: every expert, in order
+    assert_matches_reference("cpu", logits, bias, top_k=8, n_group=64, topk_group=8)  # one expert per group: score = its max
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -106,7 +106,7 @@ def test_non_contiguous_logits(backend, make):
     e = logits.shape[1]
     bias = torch.rand(e, generator=g) - 0.8
     assert not logits.is_contiguous()
-    _check(backend, logits, bias, top_k=8, n_group=8, topk_group=4)
+    assert_matches_reference(backend, logits, bias, top_k=8, n_group=8, topk_group=4)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -127,7 +127,7 @@ def test_minus_inf_bias_disables_experts(backend, n_group, topk_group):
     kernels, without ever picking an expert twice."""
     logits, bias = _inputs(50, 16, seed=9)
     bias[::3] = float("-inf")
-    _check(backend, logits, bias, top_k=topk_group * (16 // n_group), n_group=n_group, topk_group=topk_group)
+    assert_matches_reference(backend, logits, bias, top_k=topk_group * (16 // n_group), n_group=n_group, topk_group=topk_group)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -159,7 +159,7 @@ def test_requires_grad_falls_back_to_the_reference_and_differentiates():
         want = "cpu" if _C is not None else "reference"
         assert ops.MOE_ROUTE.select("auto", *_args(logits, bias))[0] == want
         for backend in CPU_BACKENDS:
-            _check(backend, logits, bias, top_k=8, n_group=8, topk_group=4)
+            assert_matches_reference(backend, logits, bias, top_k=8, n_group=8, topk_group=4)
 
 
 @needs_c
@@ -297,7 +297,7 @@ def test_gpu_matches_reference(e, n_group):
     topk_group, k = _groups(e, n_group)
     for backend, (dtype, sf, gs, ties, norm) in itertools.product(_cuda_backends(), GPU_VARIANTS):
         logits, bias = _inputs(1000, e, seed=e + n_group, dtype=dtype, device="cuda", ties=ties)
-        _check(backend, logits, bias, top_k=k, n_group=n_group, topk_group=topk_group, score_func=sf,
+        assert_matches_reference(backend, logits, bias, top_k=k, n_group=n_group, topk_group=topk_group, score_func=sf,
                group_score=gs, norm_topk_prob=norm)
 
 
@@ -305,12 +305,12 @@ def test_gpu_matches_reference(e, n_group):
 def test_gpu_large_batch_strides_and_stream():
     logits, bias = _inputs(16384, 256, seed=7, device="cuda")
     for backend in _cuda_backends():
-        _check(backend, logits, bias, top_k=8, n_group=8, topk_group=4)
-        _check(backend, logits.t().contiguous().t(), bias, top_k=8, n_group=8, topk_group=4)
-        _check(backend, logits[:1].expand(5, -1), None, top_k=8)
+        assert_matches_reference(backend, logits, bias, top_k=8, n_group=8, topk_group=4)
+        assert_matches_reference(backend, logits.t().contiguous().t(), bias, top_k=8, n_group=8, topk_group=4)
+        assert_matches_reference(backend, logits[:1].expand(5, -1), None, top_k=8)
         b = bias.clone()
         b[::3] = float("-inf")
-        _check(backend, logits[:100], b, top_k=32, n_group=8, topk_group=1)  # -inf picks, in index order
+        assert_matches_reference(backend, logits[:100], b, top_k=32, n_group=8, topk_group=1)  # -inf picks, in index order
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
@@ -329,7 +329,7 @@ def test_gpu_dispatch():
     # Past the CUDA kernel's limits, auto goes to Triton.
     wide = torch.randn(4, 1024, device="cuda")
     assert ops.MOE_ROUTE.select("auto", *_args(wide, None, 8, 8, 4))[0] == "triton"
-    _check("triton", wide, None, top_k=8, n_group=8, topk_group=4)
+    assert_matches_reference("triton", wide, None, top_k=8, n_group=8, topk_group=4)
     with torch.no_grad():
         g = logits.clone().requires_grad_(True)
         assert ops.MOE_ROUTE.select("auto", *_args(g, bias))[0] == first

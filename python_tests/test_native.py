@@ -181,9 +181,10 @@ def test_cpu_backward_only_weight():
 def test_custom_op_opcheck(dtype):
     x = _rand(5, 3, 40, dtype=dtype, seed=17).requires_grad_(True)
     w = _rand(40, dtype=dtype, seed=18).requires_grad_(True)
-    torch.library.opcheck(torch.ops.r1kernels.rms_norm_native.default, (x, w, EPS))
-    xs = _rand(6, 80, dtype=dtype, seed=19)[:, :40]
-    torch.library.opcheck(torch.ops.r1kernels.rms_norm_native.default, (xs, w.detach(), 0.0))
+    # opcheck raises on a failed check and returns each check's verdict
+    for args in ((x, w, EPS), (_rand(6, 80, dtype=dtype, seed=19)[:, :40], w.detach(), 0.0)):
+        verdicts = torch.library.opcheck(torch.ops.r1kernels.rms_norm_native.default, args)
+        assert verdicts and all(v == "SUCCESS" for v in verdicts.values()), verdicts
 
 
 @needs_c

@@ -30,7 +30,7 @@ def _quantised(n, k, block, seed=0):
     return weight.to(DEV), scale_inv.to(DEV)
 
 
-def _check(weight, scale_inv, block, out_dtype):
+def assert_matches_reference(weight, scale_inv, block, out_dtype):
     out = ops.fp8_block_dequant(weight, scale_inv, block, out_dtype, backend="triton")
     assert out.dtype == out_dtype and out.shape == weight.shape
     torch.testing.assert_close(out, reference.fp8_block_dequant(weight, scale_inv, block, out_dtype), **tol(out_dtype))
@@ -44,7 +44,7 @@ def _check(weight, scale_inv, block, out_dtype):
 def test_fp8_matches_reference(n, k, block, out_dtype):
     weight, scale_inv = _quantised(n, k, block)
     assert weight.dtype == torch.float8_e4m3fn
-    out = _check(weight, scale_inv, block, out_dtype)
+    out = assert_matches_reference(weight, scale_inv, block, out_dtype)
     assert torch.isfinite(out).all()
 
 
@@ -53,7 +53,7 @@ def test_each_block_gets_its_own_scale():
     n, k, block = 300, 200, 128
     weight = torch.ones(n, k, device=DEV).to(torch.float8_e4m3fn)
     scale_inv = torch.tensor([[1.0, 2.0], [4.0, 8.0], [16.0, 32.0]], device=DEV)
-    out = _check(weight, scale_inv, block, torch.float32)
+    out = assert_matches_reference(weight, scale_inv, block, torch.float32)
     for bi, rows in enumerate((slice(0, 128), slice(128, 256), slice(256, 300))):
         for bj, cols in enumerate((slice(0, 128), slice(128, 200))):
             assert torch.all(out[rows, cols] == scale_inv[bi, bj])
@@ -64,17 +64,17 @@ def test_non_fp8_weights(w_dtype):
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(130, 70, generator=g).to(device=DEV, dtype=w_dtype)
     scale_inv = torch.rand(3, 2, generator=g).to(DEV) + 0.5
-    _check(weight, scale_inv, 64, torch.float32)
+    assert_matches_reference(weight, scale_inv, 64, torch.float32)
 
 
 def test_non_contiguous_inputs():
     weight, scale_inv = _quantised(200, 300, 128)  # viewed transposed: [300, 200] with blocks [3, 2]
     w_t, s_t = weight.t(), scale_inv.t()
     assert not w_t.is_contiguous() and not s_t.is_contiguous()
-    _check(w_t, s_t, 128, torch.float32)
+    assert_matches_reference(w_t, s_t, 128, torch.float32)
     # a column slice of a wider weight, scale_inv a slice of a wider table
     wide, wide_s = _quantised(96, 256, 32, seed=1)
-    _check(wide[:, 64:192], wide_s[:, 2:6], 32, torch.float16)
+    assert_matches_reference(wide[:, 64:192], wide_s[:, 2:6], 32, torch.float16)
 
 
 def test_empty():
@@ -106,4 +106,4 @@ def test_errors_name_the_argument():
 @pytest.mark.parametrize("n,k,block", [(300, 200, 128), (7168, 2048, 128), (129, 97, 32)])
 def test_bf16_on_gpu(n, k, block):
     weight, scale_inv = _quantised(n, k, block)
-    _check(weight, scale_inv, block, torch.bfloat16)
+    assert_matches_reference(weight, scale_inv, block, torch.bfloat16)
