@@ -76,10 +76,11 @@ def format_info(report: dict[str, Any]) -> str:
     if report["env"]:
         lines.append("env: " + ", ".join(f"{k}={v}" for k, v in report["env"].items()))
     lines.append("ops (backends that can run here, per device):")
+    width = max((len(n) for n in report["ops"]), default=0) + 1
     for name, per_dev in report["ops"].items():
         for dev, backends in per_dev.items():
             ok = [b for b, s in backends.items() if s == "ok"]
-            lines.append(f"  {name:<20} {dev:<8} {', '.join(ok)}")
+            lines.append(f"  {name:<{width}} {dev:<8} {', '.join(ok)}")
     lines.append("why not (per op, device, backend):")
     for name, per_dev in report["ops"].items():
         for dev, backends in per_dev.items():
