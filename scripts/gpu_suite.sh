@@ -119,7 +119,8 @@ step() {
 # finished.
 step build 200 250 build.log "$PY" setup.py build_ext --inplace
 step info 45 230 info.txt bash "$ROOT/scripts/gpu_suite.sh" --environment
-step test_gpu 150 150 test_gpu.log "$PY" -m pytest python_tests -m gpu -q -rfEs -p no:cacheprovider
+# -v: one line per test as it finishes, so a run cut by its time limit still says what passed
+step test_gpu 150 150 test_gpu.log "$PY" -m pytest python_tests -m gpu -v -rfEs -p no:cacheprovider
 step bench 240 0 bench.log "$PY" -m benchmarks.run --device cuda --out "$OUT"
 # The rest of the suite (the GPU tests already ran) with whatever time is left.
 step test_rest 600 0 test_rest.log "$PY" -m pytest python_tests -m "not gpu" -q -rfE -p no:cacheprovider
