@@ -49,6 +49,17 @@ _LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
 
 
 @triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    """``acc + a @ b`` (``acc`` may be None). IEEE: fp32 operands multiplied in full fp32 (no TF32 on the
+    GPU, so fp32 results meet the fp32 tolerance); else ``a`` is cast to ``b``'s 16-bit dtype first, since
+    tensor cores take two operands of one dtype (the softmax probabilities are kept in fp32 until here)."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a.to(b.dtype), b, acc)
+
+
+@triton.jit
 def _load_tile(
     base,  # pointer at (sequence start, head)
     rows,  # [R] int32 positions inside the sequence
@@ -98,16 +109,10 @@ def _fwd_inner(
     for n0 in range(lo, hi, BN):
         offs_n = n0 + offs_n0
         ka = _load_tile(k_base, offs_n, cols_a, stride_kt, stride_kd, seqlen, DA, MASKED, False)
-        if IEEE:
-            s = tl.dot(qa, tl.trans(ka), input_precision="ieee")
-        else:
-            s = tl.dot(qa, tl.trans(ka))
+        s = _dot(qa, tl.trans(ka), None, IEEE)
         if DB > 0:
             kb = _load_tile(k_base + DA * stride_kd, offs_n, cols_b, stride_kt, stride_kd, seqlen, DB, MASKED, BDB != DB)
-            if IEEE:
-                s = tl.dot(qb, tl.trans(kb), s, input_precision="ieee")
-            else:
-                s = tl.dot(qb, tl.trans(kb), s)
+            s = _dot(qb, tl.trans(kb), s, IEEE)
         s = s * qk_scale  # [BM, BN] scores in base 2
         if MASKED:
             keep = (offs_n < seqlen)[None, :]
@@ -125,10 +130,7 @@ def _fwd_inner(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         v = _load_tile(v_base, offs_n, cols_v, stride_vt, stride_vd, seqlen, DV, MASKED, BDV != DV)
-        if IEEE:
-            acc = tl.dot(p, v, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc)
+        acc = _dot(p, v, acc, IEEE)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -263,16 +265,10 @@ def _bwd_dkdv_inner(
         # Query rows past the sequence read q = dO = 0 and lse = delta = 0: their terms are exactly 0, so only
         # the causal mask (below) is needed, never a row mask on p.
         qa = _load_tile(q_base, offs_m, cols_a, stride_qt, stride_qd, seqlen, DA, MASKED, False)
-        if IEEE:
-            st = tl.dot(ka, tl.trans(qa), input_precision="ieee")  # [BN, BM]: s transposed
-        else:
-            st = tl.dot(ka, tl.trans(qa))
+        st = _dot(ka, tl.trans(qa), None, IEEE)  # [BN, BM]: s transposed
         if DB > 0:
             qb = _load_tile(q_base + DA * stride_qd, offs_m, cols_b, stride_qt, stride_qd, seqlen, DB, MASKED, BDB != DB)
-            if IEEE:
-                st = tl.dot(kb, tl.trans(qb), st, input_precision="ieee")
-            else:
-                st = tl.dot(kb, tl.trans(qb), st)
+            st = _dot(kb, tl.trans(qb), st, IEEE)
         if MASKED:
             m_ok = offs_m < seqlen
             lse = tl.load(lse_base + offs_m, mask=m_ok, other=0.0)
@@ -285,22 +281,12 @@ def _bwd_dkdv_inner(
             if CAUSAL:
                 pt = tl.where(offs_m[None, :] >= offs_n[:, None], pt, 0.0)
         do = _load_tile(do_base, offs_m, cols_v, stride_dot, stride_dod, seqlen, DV, MASKED, BDV != DV)
-        if IEEE:
-            dv = tl.dot(pt, do, dv, input_precision="ieee")
-            dpt = tl.dot(v, tl.trans(do), input_precision="ieee")  # [BN, BM]: (dO v^T) transposed
-        else:
-            dv = tl.dot(pt.to(do.dtype), do, dv)
-            dpt = tl.dot(v, tl.trans(do))
+        dv = _dot(pt, do, dv, IEEE)
+        dpt = _dot(v, tl.trans(do), None, IEEE)  # [BN, BM]: (dO v^T) transposed
         dst = pt * (dpt - delta[None, :])  # d(scores) transposed, without the scale (applied once at the end)
-        if IEEE:
-            dka = tl.dot(dst, qa, dka, input_precision="ieee")
-        else:
-            dka = tl.dot(dst.to(qa.dtype), qa, dka)
+        dka = _dot(dst, qa, dka, IEEE)
         if DB > 0:
-            if IEEE:
-                dkb = tl.dot(dst, qb, dkb, input_precision="ieee")
-            else:
-                dkb = tl.dot(dst.to(qb.dtype), qb, dkb)
+            dkb = _dot(dst, qb, dkb, IEEE)
     return dka, dkb, dv
 
 
@@ -421,16 +407,10 @@ def _bwd_dq_inner(
     for n0 in range(lo, hi, BN):
         offs_n = n0 + offs_n0
         ka = _load_tile(k_base, offs_n, cols_a, stride_kt, stride_kd, seqlen, DA, MASKED, False)
-        if IEEE:
-            s = tl.dot(qa, tl.trans(ka), input_precision="ieee")
-        else:
-            s = tl.dot(qa, tl.trans(ka))
+        s = _dot(qa, tl.trans(ka), None, IEEE)
         if DB > 0:
             kb = _load_tile(k_base + DA * stride_kd, offs_n, cols_b, stride_kt, stride_kd, seqlen, DB, MASKED, BDB != DB)
-            if IEEE:
-                s = tl.dot(qb, tl.trans(kb), s, input_precision="ieee")
-            else:
-                s = tl.dot(qb, tl.trans(kb), s)
+            s = _dot(qb, tl.trans(kb), s, IEEE)
         p = tl.math.exp2(s * qk_scale - lse[:, None])
         if MASKED:
             # keys past the sequence read k = 0, whose score is not -inf: drop them explicitly
@@ -439,20 +419,11 @@ def _bwd_dq_inner(
                 keep = keep & (offs_m[:, None] >= offs_n[None, :])
             p = tl.where(keep, p, 0.0)
         v = _load_tile(v_base, offs_n, cols_v, stride_vt, stride_vd, seqlen, DV, MASKED, BDV != DV)
-        if IEEE:
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        else:
-            dp = tl.dot(do, tl.trans(v))
+        dp = _dot(do, tl.trans(v), None, IEEE)
         ds = p * (dp - delta[:, None])  # without the scale (applied once at the end)
-        if IEEE:
-            dqa = tl.dot(ds, ka, dqa, input_precision="ieee")
-        else:
-            dqa = tl.dot(ds.to(ka.dtype), ka, dqa)
+        dqa = _dot(ds, ka, dqa, IEEE)
         if DB > 0:
-            if IEEE:
-                dqb = tl.dot(ds, kb, dqb, input_precision="ieee")
-            else:
-                dqb = tl.dot(ds.to(kb.dtype), kb, dqb)
+            dqb = _dot(ds, kb, dqb, IEEE)
     return dqa, dqb
 
 
