@@ -9,7 +9,7 @@ Letters: B batch, S sequence, D hidden, V vocabulary.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -92,6 +92,42 @@ class Transformer(nn.Module):
         return LatentKVCache(cfg.num_hidden_layers, batch_size, max_seqlen, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
                              page_size=page_size, dtype=dtype or p.dtype, device=p.device)
 
+    def new_mtp_cache(self, batch_size: int, max_seqlen: int, *, page_size: int = 64,
+                      dtype: Optional[torch.dtype] = None) -> LatentKVCache:
+        """A latent cache for the MTP modules' blocks (layers ``num_hidden_layers + k``), used when they draft."""
+        cfg = self.config
+        if cfg.num_nextn_predict_layers == 0:
+            raise ValueError("Transformer.new_mtp_cache: this model has no MTP module (num_nextn_predict_layers = 0)")
+        p = self.embed_tokens.weight
+        return LatentKVCache(cfg.num_nextn_predict_layers, batch_size, max_seqlen, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+                             page_size=page_size, dtype=dtype or p.dtype, device=p.device,
+                             first_layer=cfg.num_hidden_layers)
+
+    def run_layers(self, h: torch.Tensor, start: int, end: int, *, cache: Optional[LatentKVCache] = None,
+                   absorbed: bool = False) -> torch.Tensor:
+        """Layers ``start .. end-1`` over the residual stream ``h [B, S, D]`` (no final norm).
+
+        With a cache, the S tokens sit at the cache's next positions and each layer writes its latent rows
+        there; the cache is NOT advanced (the caller commits with ``cache.advance`` or ``set_lengths``), so a
+        speculative step can run the first layers, then the rest, on the same positions.
+        """
+        b, s, _ = h.shape
+        if cache is not None:
+            cache.check_room(s)
+            positions = cache.positions(s)  # [B, S]
+        else:
+            positions = torch.arange(s, device=h.device).expand(b, s)
+        cos, sin = self.rotary(positions)  # [B, S, R/2] each
+        for layer in self.layers[start:end]:
+            h = layer(h, cos, sin, cache=cache, absorbed=absorbed)
+        return h
+
+    def _check_ids(self, input_ids: torch.Tensor) -> None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"Transformer: input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"Transformer: input_ids must be int32 / int64, got {input_ids.dtype}")
+
     def forward_hidden(self, input_ids: torch.Tensor, *, cache: Optional[LatentKVCache] = None,
                        absorbed: bool = False) -> torch.Tensor:
         """input_ids ``[B, S]`` -> final-normed hidden states ``[B, S, D]``.
@@ -101,22 +137,11 @@ class Transformer(nn.Module):
         ``absorbed=True`` forces the absorbed formulation (without a cache, on a scratch cache): used to
         check that both formulations agree. Without either, the expanded formulation.
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"Transformer: input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
-        if input_ids.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"Transformer: input_ids must be int32 / int64, got {input_ids.dtype}")
+        self._check_ids(input_ids)
         b, s = input_ids.shape
         if absorbed and cache is None:
             cache = self.new_cache(b, s, page_size=16)
-        h = self.embed_tokens(input_ids)  # [B, S, D]
-        if cache is not None:
-            cache.check_room(s)
-            positions = cache.positions(s)  # [B, S]
-        else:
-            positions = torch.arange(s, device=input_ids.device).expand(b, s)
-        cos, sin = self.rotary(positions)  # [B, S, R/2] each
-        for layer in self.layers:
-            h = layer(h, cos, sin, cache=cache, absorbed=absorbed)
+        h = self.run_layers(self.embed_tokens(input_ids), 0, len(self.layers), cache=cache, absorbed=absorbed)  # [B, S, D]
         if cache is not None:
             cache.advance(s)
         return self.norm(h)
@@ -126,14 +151,39 @@ class Transformer(nn.Module):
         """input_ids ``[B, S]`` int -> logits ``[B, S, V]`` float32 (see :meth:`forward_hidden`)."""
         return self.logits(self.forward_hidden(input_ids, cache=cache, absorbed=absorbed))
 
-    def mtp_forward(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
-        """Multi-token prediction over a training sequence.
+    def forward_train(self, input_ids: torch.Tensor, *, exit_layers: Sequence[int] = (),
+                      balance: Optional[list] = None) -> tuple[torch.Tensor, dict]:
+        """The training forward: input_ids ``[B, S]`` -> ``(hidden [B, S, D], exits)``.
+
+        ``hidden`` is final-normed; ``exits`` maps each layer count e in ``exit_layers`` (1 .. L-1) to the
+        final-normed hidden state after the first e layers (``[B, S, D]``), which the shared head turns into
+        early-exit predictions (LayerSkip). ``balance``: a list the MoE layers append their routing to.
+        """
+        self._check_ids(input_ids)
+        b, s = input_ids.shape
+        want = set(int(e) for e in exit_layers)
+        bad = sorted(e for e in want if not 1 <= e < len(self.layers))
+        if bad:
+            raise ValueError(f"Transformer.forward_train: exit_layers must be in [1, {len(self.layers) - 1}], got {bad}")
+        cos, sin = self.rotary(torch.arange(s, device=input_ids.device).expand(b, s))  # [B, S, R/2] each
+        h = self.embed_tokens(input_ids)  # [B, S, D]
+        exits = {}
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, balance=balance)
+            if i + 1 in want:
+                exits[i + 1] = self.norm(h)
+        return self.norm(h), exits
+
+    def mtp_hidden(self, hidden: torch.Tensor, input_ids: torch.Tensor, *,
+                   balance: Optional[list] = None) -> list[torch.Tensor]:
+        """Multi-token prediction over a training sequence, before the head.
 
         Args:
             hidden: ``[B, S, D]`` the main model's final-normed hidden states for ``input_ids``.
             input_ids: ``[B, S]``.
         Returns:
-            One float32 logits tensor per depth k = 1..n: ``[B, S - k, V]``, row i predicting token i + k + 1.
+            One tensor per depth k = 1..n: ``[B, S - k, D]``, the depth's hidden state after its
+            ``shared_head.norm``; row i predicts token i + k + 1 through the shared head.
         """
         out = []
         h = hidden
@@ -144,6 +194,32 @@ class Transformer(nn.Module):
                 break
             positions = torch.arange(n, device=input_ids.device).expand(b, n)
             cos, sin = self.rotary(positions)
-            h = module(h[:, :n], self.embed_tokens(input_ids[:, k:]), cos, sin)  # [B, S-k, D]
-            out.append(self.logits(module.shared_head(h)))
+            h = module(h[:, :n], self.embed_tokens(input_ids[:, k:]), cos, sin, balance=balance)  # [B, S-k, D]
+            out.append(module.shared_head(h))
         return out
+
+    def mtp_forward(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        """Multi-token prediction logits: one float32 tensor per depth k = 1..n, ``[B, S - k, V]``, row i
+        predicting token i + k + 1 (see :meth:`mtp_hidden`)."""
+        return [self.logits(h) for h in self.mtp_hidden(hidden, input_ids)]
+
+    def mtp_step(self, hidden: torch.Tensor, next_ids: torch.Tensor, cache: LatentKVCache, depth: int = 0):
+        """One MTP module over new positions, on its latent cache (speculative drafting).
+
+        Args:
+            hidden: ``[B, S, D]`` the hidden state feeding the module at each position (the main model's
+                final-normed hidden, or the module's own previous output when it drafts recursively).
+            next_ids: ``[B, S]`` the token that follows each position.
+            cache: from :meth:`new_mtp_cache`; the S positions are written at its next positions and NOT
+                committed (the caller advances it).
+        Returns:
+            ``(h [B, S, D], logits [B, S, V] float32)``: the module's hidden state and its prediction of the
+            token two places after each position.
+        """
+        self._check_ids(next_ids)
+        module = self.mtp[depth]
+        b, s = next_ids.shape
+        cache.check_room(s)
+        cos, sin = self.rotary(cache.positions(s))  # [B, S, R/2] each
+        h = module(hidden, self.embed_tokens(next_ids), cos, sin, cache=cache)  # [B, S, D]
+        return h, self.logits(module.shared_head(h))

@@ -27,11 +27,14 @@ class Block(nn.Module):
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
-                cache: Optional[LatentKVCache] = None, absorbed: bool = False) -> torch.Tensor:
-        """h ``[B, S, D]`` -> ``[B, S, D]``; with a cache, this block uses its slot ``layer_idx``."""
+                cache: Optional[LatentKVCache] = None, absorbed: bool = False,
+                balance: Optional[list] = None) -> torch.Tensor:
+        """h ``[B, S, D]`` -> ``[B, S, D]``; with a cache, this block uses its slot ``layer_idx``.
+        ``balance``: a list that MoE layers append their routing to (see ``MoE.forward``)."""
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache=cache, layer_idx=self.layer_idx,
                                absorbed=absorbed)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        x = self.post_attention_layernorm(h)
+        return h + (self.mlp(x, balance) if balance is not None and isinstance(self.mlp, MoE) else self.mlp(x))
 
 
 class SharedHeadNorm(nn.Module):
@@ -62,7 +65,10 @@ class MTPModule(nn.Module):
         self.block = Block(cfg, cfg.num_hidden_layers + depth)
         self.shared_head = SharedHeadNorm(cfg)
 
-    def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """h_prev, emb_next ``[B, S, D]`` -> the depth's hidden state ``[B, S, D]`` (before shared_head.norm)."""
+    def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+                cache: Optional[LatentKVCache] = None, balance: Optional[list] = None) -> torch.Tensor:
+        """h_prev, emb_next ``[B, S, D]`` -> the depth's hidden state ``[B, S, D]`` (before shared_head.norm).
+        ``cache`` (drafting): the block writes and attends through it like a main layer; ``balance``: see
+        ``Block.forward``."""
         x = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))  # [B, S, 2D] -> [B, S, D]
-        return self.block(x, cos, sin)
+        return self.block(x, cos, sin, cache=cache, balance=balance)

@@ -40,17 +40,33 @@ class LatentKVCache:
     """
 
     def __init__(self, num_layers: int, batch_size: int, max_seqlen: int, width: int, *, page_size: int = 64,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", first_layer: int = 0):
         if page_size <= 0 or max_seqlen <= 0 or batch_size <= 0:
             raise ValueError(f"LatentKVCache: page_size, max_seqlen and batch_size must be positive, got "
                              f"{page_size}, {max_seqlen}, {batch_size}")
         pages = math.ceil(max_seqlen / page_size)
         self.page_size = page_size
         self.capacity = pages * page_size
+        # Layers first_layer .. first_layer + num_layers - 1 live here (an MTP module's cache holds only its
+        # own block, whose layer index follows the main layers').
+        self.first_layer = first_layer
+        self.num_layers = num_layers
         self.kv = torch.zeros(num_layers, batch_size * pages, page_size, width, dtype=dtype, device=device)
         self.block_table = torch.arange(batch_size * pages, dtype=torch.int32, device=device).view(batch_size, pages)
         self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
         self.max_committed = 0  # host-side upper bound of seqlens
+
+    @property
+    def batch_size(self) -> int:
+        return self.block_table.shape[0]
+
+    def layer_kv(self, layer: int) -> torch.Tensor:
+        """``[N, P, C]``: the pages of model layer ``layer``."""
+        i = layer - self.first_layer
+        if not 0 <= i < self.num_layers:
+            raise IndexError(f"LatentKVCache: layer {layer} is not held here (layers {self.first_layer}.."
+                             f"{self.first_layer + self.num_layers - 1})")
+        return self.kv[i]
 
     def check_room(self, new_tokens: int) -> None:
         if self.max_committed + new_tokens > self.capacity:
@@ -64,11 +80,26 @@ class LatentKVCache:
     def write(self, layer: int, c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
         """Store the rows ``[c_kv [B, S, L], k_pe [B, S, R]]`` at positions ``seqlens + [0, S)`` of ``layer``
         (not yet committed)."""
-        ops.mla_cache_append(self.kv[layer], self.block_table, self.seqlens, c_kv, k_pe)
+        ops.mla_cache_append(self.layer_kv(layer), self.block_table, self.seqlens, c_kv, k_pe)
 
     def advance(self, new_tokens: int) -> None:
+        """Commit ``new_tokens`` more tokens in every request."""
         self.seqlens += new_tokens
         self.max_committed += new_tokens
+
+    def set_lengths(self, seqlens: torch.Tensor, max_len: int) -> None:
+        """Set the committed lengths per request (``seqlens [B]`` int, on the cache's device) after a padded
+        prefill, or to roll back or accept speculative tokens. Rows past a request's length are left in place
+        and never read (attention masks by length); the next write overwrites them.
+
+        ``max_len`` is a host-side upper bound of ``seqlens`` (the caller knows it without a device sync).
+        """
+        if seqlens.shape != self.seqlens.shape:
+            raise ValueError(f"LatentKVCache.set_lengths: seqlens must be [{self.seqlens.shape[0]}], got {tuple(seqlens.shape)}")
+        if max_len > self.capacity:
+            raise ValueError(f"LatentKVCache.set_lengths: max_len {max_len} exceeds the capacity {self.capacity}")
+        self.seqlens.copy_(seqlens)
+        self.max_committed = int(max_len)
 
 
 class MLA(nn.Module):
@@ -138,7 +169,7 @@ class MLA(nn.Module):
         q_lat = torch.einsum("bshn,hnl->bshl", q_nope, w_uk)  # [B, S, H, L]: W_UK absorbed into the query
         q_full = torch.cat([q_lat, q_pe], dim=-1)  # [B, S, H, C]
         cache.write(layer_idx, c_kv, k_pe.squeeze(2))
-        o_lat, _ = ops.mla_decode(q_full.to(cache.kv.dtype), cache.kv[layer_idx], cache.block_table,
+        o_lat, _ = ops.mla_decode(q_full.to(cache.kv.dtype), cache.layer_kv(layer_idx), cache.block_table,
                                   cache.seqlens + s, softmax_scale=self.softmax_scale, causal=True, head_dim_v=lr)
         o = torch.einsum("bshl,hvl->bshv", o_lat.to(x.dtype), w_uv)  # [B, S, H, Dv]: W_UV absorbed into the output
         return self.o_proj(o.reshape(b, s, h * dv))

@@ -5,6 +5,8 @@ intermediate size.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,8 +53,9 @@ class Gate(nn.Module):
         # device (no host sync); read and cleared by update_bias().
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts, dtype=torch.int64), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x ``[T, D]`` -> ``(weights [T, K] fp32, expert_ids [T, K] int32)``."""
+    def forward(self, x: torch.Tensor, return_logits: bool = False):
+        """x ``[T, D]`` -> ``(weights [T, K] fp32, expert_ids [T, K] int32)`` (and the router logits
+        ``[T, E]`` fp32 when ``return_logits``, for the sequence-wise balance loss)."""
         logits = F.linear(x.float(), self.weight.float())  # [T, E] fp32, routing is precision-sensitive
         weights, expert_ids, counts = ops.moe_route(
             logits, self.e_score_correction_bias, top_k=self.top_k, n_group=self.n_group,
@@ -61,7 +64,11 @@ class Gate(nn.Module):
         )
         if self.training:
             self.tokens_per_expert += counts
-        return weights, expert_ids
+        return (weights, expert_ids, logits) if return_logits else (weights, expert_ids)
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """Router logits ``[..., E]`` -> the unbiased affinity scores (sigmoid for V3, softmax for V2)."""
+        return torch.sigmoid(logits) if self.score_func == "sigmoid" else torch.softmax(logits, dim=-1)
 
     def update_bias(self, gamma: float = 1e-3) -> None:
         """One aux-loss-free balancing step from the loads seen since the last call (then cleared).
@@ -101,10 +108,16 @@ class MoE(nn.Module):
             if cfg.n_shared_experts > 0 else None
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, balance: Optional[list] = None) -> torch.Tensor:
+        """x ``[B, S, D]`` -> ``[B, S, D]``. ``balance``: when a list, the layer appends
+        ``(scores [B, S, E], expert_ids [B, S, K])`` for the sequence-wise balance loss (training)."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [B, S, D] -> [T, D]
-        weights, expert_ids = self.gate(flat)
+        if balance is None:
+            weights, expert_ids = self.gate(flat)
+        else:
+            weights, expert_ids, logits = self.gate(flat, return_logits=True)
+            balance.append((self.gate.scores(logits).view(*shape[:-1], -1), expert_ids.view(*shape[:-1], -1)))
         y = self.experts(flat, weights, expert_ids).view(shape)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
