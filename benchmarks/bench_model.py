@@ -51,6 +51,8 @@ class Pair:
     ids: torch.Tensor
     max_abs_diff: float
     attn_impl: str
+    r1k_model: Any = None  # the r1kernels Transformer (bench_generate uses the models themselves)
+    hf_model: Any = None  # transformers' DeepseekV3ForCausalLM
 
 
 def missing_api() -> Optional[str]:
@@ -102,7 +104,7 @@ def build(shape: ModelShape, device: torch.device = torch.device("cpu"), seed: i
     if got.shape != want.shape:
         raise RuntimeError(f"r1kernels logits have shape {tuple(got.shape)}, transformers' {tuple(want.shape)}")
     diff = (got - want).abs().max().item()
-    return Pair(run_r1k, run_hf, ids, diff, getattr(hf.config, "_attn_implementation", "?"))
+    return Pair(run_r1k, run_hf, ids, diff, getattr(hf.config, "_attn_implementation", "?"), model, hf)
 
 
 def _timed(fn: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor) -> Callable[[], Any]:

@@ -40,9 +40,9 @@ def _problem(lens, h, dqk, dv, dtype=torch.float32, seed=0):
     return [a.requires_grad_(True) for a in (q, k, v)], _cu(lens), dout, dlse
 
 
-def _triton(q, k, v, cu, max_seqlen, scale, causal, dout, dlse):
+def _triton(q, k, v, cu, max_seqlen, scale, causal, dout, dlse, backend="triton"):
     out, lse = ops.mla_attention(q, k, v, cu, max_seqlen, softmax_scale=scale, causal=causal, return_lse=True,
-                                 backend="triton")
+                                 backend=backend)
     grads = torch.autograd.grad([out, lse], [q, k, v], [dout, dlse])
     return out, lse, grads
 
@@ -79,10 +79,10 @@ def _abs_sums(q, k, v, cu, scale, causal, dout, dlse):
     return sums
 
 
-def assert_matches_reference(q, k, v, cu, max_seqlen, causal, dout, dlse, scale=None):
+def assert_matches_reference(q, k, v, cu, max_seqlen, causal, dout, dlse, scale=None, backend="triton"):
     dtype = q.dtype
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out, lse, grads = _triton(q, k, v, cu, max_seqlen, scale, causal, dout, dlse)
+    out, lse, grads = _triton(q, k, v, cu, max_seqlen, scale, causal, dout, dlse, backend)
     ref_out, ref_lse, ref_grads = _reference(q, k, v, cu, max_seqlen, scale, causal, dout, dlse)
     mags = _abs_sums(q, k, v, cu, scale, causal, dout, dlse)
 
@@ -123,6 +123,20 @@ def test_forward_backward_match_reference(case, causal, dtype):
     lens, h, dqk, dv = CASES[case]
     (q, k, v), cu, dout, dlse = _problem(lens, h, dqk, dv, dtype, seed=len(case) + 2 * causal)
     assert_matches_reference(q, k, v, cu, max(lens), causal, dout, dlse)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_cpu_backend_matches_reference(case, causal):
+    """The padded-batch SDPA backend (CPU tensors, fp32), with and without lse."""
+    lens, h, dqk, dv = CASES[case]
+    (q, k, v), cu, dout, dlse = _problem(lens, h, dqk, dv, torch.float32, seed=len(case) + 2 * causal)
+    q, k, v, dout, dlse, cu = (x.detach().cpu() for x in (q, k, v, dout, dlse, cu))
+    q, k, v = (x.requires_grad_(True) for x in (q, k, v))
+    assert_matches_reference(q, k, v, cu, max(lens) + 3, causal, dout, dlse, backend="cpu")
+    out = ops.mla_attention(q, k, v, cu, max(lens), softmax_scale=0.3, causal=causal, backend="cpu")
+    want = reference.mla_attention(q, k, v, cu, max(lens), softmax_scale=0.3, causal=causal)
+    torch.testing.assert_close(out, want, **tol(torch.float32))
 
 
 # A long sequence (several query / key tiles each side of the diagonal), alone and with short neighbours;

@@ -17,3 +17,7 @@ from .config import ModelConfig  # noqa: E402
 from .model import Transformer, load_pretrained, save_pretrained  # noqa: E402
 
 __all__ += ["ModelConfig", "Transformer", "load_pretrained", "save_pretrained"]
+
+from .inference import GenerationOutput, best_of_n, generate, majority_vote  # noqa: E402
+
+__all__ += ["GenerationOutput", "best_of_n", "generate", "majority_vote"]

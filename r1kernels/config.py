@@ -96,6 +96,22 @@ class ModelConfig:
     bos_token_id: Optional[int] = 0
     eos_token_id: Optional[Union[int, list]] = 1
     pad_token_id: Optional[int] = None
+    # Attention variant of every layer: "mla" (dense MLA), "mla_dsa" (MLA over the tokens DeepSeek Sparse
+    # Attention's lightning indexer selects, V3.2) or "nsa" (Native Sparse Attention, GQA).
+    attention: str = "mla"
+    # DSA (V3.2's config.json names): indexer heads, indexer head width, tokens selected per query.
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 2048
+    # NSA (arXiv 2502.11089 section 3): GQA KV heads and head width; compression block l and stride d,
+    # selection block l', selected blocks n (counting the first and the 2 local ones), sliding window w.
+    nsa_num_kv_heads: int = 4
+    nsa_head_dim: int = 128
+    nsa_compress_block: int = 32
+    nsa_compress_stride: int = 16
+    nsa_select_block: int = 64
+    nsa_num_selected: int = 16
+    nsa_window: int = 512
 
     def __post_init__(self) -> None:
         problems = []
@@ -126,6 +142,19 @@ class ModelConfig:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
             if kind not in ("default", "yarn"):
                 problems.append(f"rope_scaling type {kind!r} is not supported (default, yarn)")
+        if self.attention not in ("mla", "mla_dsa", "nsa"):
+            problems.append(f"attention must be 'mla', 'mla_dsa' or 'nsa', got {self.attention!r}")
+        if self.attention == "nsa":
+            if self.nsa_num_kv_heads < 1 or self.num_attention_heads % self.nsa_num_kv_heads:
+                problems.append(f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+                                f"nsa_num_kv_heads={self.nsa_num_kv_heads}")
+            if self.nsa_compress_block % self.nsa_compress_stride or self.nsa_select_block % self.nsa_compress_stride:
+                problems.append(f"nsa_compress_block={self.nsa_compress_block} and nsa_select_block="
+                                f"{self.nsa_select_block} must be multiples of nsa_compress_stride={self.nsa_compress_stride}")
+            if self.nsa_head_dim < self.qk_rope_head_dim:
+                problems.append(f"nsa_head_dim={self.nsa_head_dim} must be >= qk_rope_head_dim={self.qk_rope_head_dim}")
+        if self.attention == "mla_dsa" and min(self.index_n_heads, self.index_head_dim, self.index_topk) < 1:
+            problems.append("index_n_heads, index_head_dim and index_topk must be positive")
         if problems:
             raise ValueError("ModelConfig: " + "; ".join(problems))
 
@@ -191,7 +220,10 @@ class ModelConfig:
                 d * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * h * self.qk_head_dim)
             kv = d * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
             kv += self.kv_lora_rank * h * (self.qk_nope_head_dim + self.v_head_dim)
-            return q + kv + h * self.v_head_dim * d
+            idx = 0 if self.attention != "mla_dsa" else ((self.q_lora_rank or d) * self.index_n_heads * self.index_head_dim
+                                                        + d * self.index_head_dim + 2 * self.index_head_dim
+                                                        + d * self.index_n_heads)  # DSA's lightning indexer
+            return q + kv + h * self.v_head_dim * d + idx
 
         def mlp(i: int) -> int:
             if not self.is_moe_layer(i):
@@ -213,7 +245,9 @@ class ModelConfig:
         ``"tiny"``: ~8M parameters, V3 semantics (MLA with q_lora, 16 experts in 4 groups, top-4, YaRN,
         one MTP module), fast on a CPU. 8 heads over an 80-wide latent row keep V3's point of MLA: the latent
         cache (80 numbers per token and layer) is 8x smaller than per-head keys and values (8 x 80). ``"v2-lite"``: DeepSeek-V2-Lite (15.7B). ``"v3"`` / ``"r1"``:
-        DeepSeek-V3 / R1 (671B; build it under ``torch.device("meta")``).
+        DeepSeek-V3 / R1 (671B; build it under ``torch.device("meta")``). ``"tiny-nsa"`` / ``"tiny-dsa"``: the
+        tiny model with NSA / DSA attention. ``"micro"``: 2 layers of width 64 and a 128-token vocabulary, for
+        smoke tests.
         """
         if name == "tiny":
             return cls(
@@ -241,7 +275,23 @@ class ModelConfig:
                 num_nextn_predict_layers=0, model_type="deepseek_v2", bos_token_id=100000,
                 eos_token_id=100001,
             )
-        raise ValueError(f"ModelConfig.preset: unknown preset {name!r}; known: tiny, v2-lite, v3, r1")
+        if name == "micro":  # smoke tests: the tiny model's structure at a fraction of its cost
+            return cls(
+                vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
+                qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, n_shared_experts=1,
+                num_experts_per_tok=2, moe_intermediate_size=32, n_group=2, topk_group=1,
+                first_k_dense_replace=1, routed_scaling_factor=2.5, max_position_embeddings=1024,
+                rope_scaling=None, num_nextn_predict_layers=1, dtype="float32",
+            )
+        if name == "tiny-nsa":  # the tiny model with NSA attention, blocks scaled to its 4k context
+            return dataclasses.replace(cls.preset("tiny"), attention="nsa", nsa_num_kv_heads=2, nsa_head_dim=32,
+                                       nsa_compress_block=16, nsa_compress_stride=8, nsa_select_block=32,
+                                       nsa_num_selected=8, nsa_window=128)
+        if name == "tiny-dsa":  # the tiny model with DeepSeek Sparse Attention over the latent cache
+            return dataclasses.replace(cls.preset("tiny"), attention="mla_dsa", index_n_heads=4, index_head_dim=32,
+                                       index_topk=256)
+        raise ValueError(f"ModelConfig.preset: unknown preset {name!r}; known: tiny, micro, tiny-nsa, tiny-dsa, v2-lite, v3, r1")
 
     @classmethod
     def from_hf(cls, config: Union[dict, str, os.PathLike]) -> "ModelConfig":

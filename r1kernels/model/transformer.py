@@ -84,24 +84,34 @@ class Transformer(nn.Module):
         save_pretrained(self, path, **kwargs)
 
     # ------------------------------------------------------------------ forward passes
-    def new_cache(self, batch_size: int, max_seqlen: int, *, page_size: int = 64,
-                  dtype: Optional[torch.dtype] = None) -> LatentKVCache:
-        """A latent cache ``[num_hidden_layers, pages, page_size, kv_lora_rank + qk_rope_head_dim]`` for the main layers."""
+    def _make_cache(self, num_layers: int, first_layer: int, batch_size: int, max_seqlen: int, page_size: int,
+                    dtype: Optional[torch.dtype]):
         cfg = self.config
         p = self.embed_tokens.weight
-        return LatentKVCache(cfg.num_hidden_layers, batch_size, max_seqlen, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
-                             page_size=page_size, dtype=dtype or p.dtype, device=p.device)
+        kw = dict(page_size=page_size, dtype=dtype or p.dtype, device=p.device, first_layer=first_layer)
+        if cfg.attention == "nsa":
+            from ..nn.sparse import NSACache
+
+            return NSACache(num_layers, batch_size, max_seqlen, cfg, **kw)
+        index_dim = cfg.index_head_dim if cfg.attention == "mla_dsa" else 0
+        return LatentKVCache(num_layers, batch_size, max_seqlen, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+                             index_dim=index_dim, **kw)
+
+    def new_cache(self, batch_size: int, max_seqlen: int, *, page_size: int = 64,
+                  dtype: Optional[torch.dtype] = None):
+        """The decode cache of the main layers: a paged latent cache ``[num_hidden_layers, pages, page_size,
+        kv_lora_rank + qk_rope_head_dim]`` (with the indexer keys for ``mla_dsa``), or NSA's key/value and
+        compressed caches for ``attention="nsa"``."""
+        return self._make_cache(self.config.num_hidden_layers, 0, batch_size, max_seqlen, page_size, dtype)
 
     def new_mtp_cache(self, batch_size: int, max_seqlen: int, *, page_size: int = 64,
-                      dtype: Optional[torch.dtype] = None) -> LatentKVCache:
-        """A latent cache for the MTP modules' blocks (layers ``num_hidden_layers + k``), used when they draft."""
+                      dtype: Optional[torch.dtype] = None):
+        """A cache for the MTP modules' blocks (layers ``num_hidden_layers + k``), used when they draft."""
         cfg = self.config
         if cfg.num_nextn_predict_layers == 0:
             raise ValueError("Transformer.new_mtp_cache: this model has no MTP module (num_nextn_predict_layers = 0)")
-        p = self.embed_tokens.weight
-        return LatentKVCache(cfg.num_nextn_predict_layers, batch_size, max_seqlen, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
-                             page_size=page_size, dtype=dtype or p.dtype, device=p.device,
-                             first_layer=cfg.num_hidden_layers)
+        return self._make_cache(cfg.num_nextn_predict_layers, cfg.num_hidden_layers, batch_size, max_seqlen,
+                                page_size, dtype)
 
     def run_layers(self, h: torch.Tensor, start: int, end: int, *, cache: Optional[LatentKVCache] = None,
                    absorbed: bool = False) -> torch.Tensor:
@@ -152,12 +162,13 @@ class Transformer(nn.Module):
         return self.logits(self.forward_hidden(input_ids, cache=cache, absorbed=absorbed))
 
     def forward_train(self, input_ids: torch.Tensor, *, exit_layers: Sequence[int] = (),
-                      balance: Optional[list] = None) -> tuple[torch.Tensor, dict]:
+                      balance: Optional[list] = None, aux: Optional[list] = None) -> tuple[torch.Tensor, dict]:
         """The training forward: input_ids ``[B, S]`` -> ``(hidden [B, S, D], exits)``.
 
         ``hidden`` is final-normed; ``exits`` maps each layer count e in ``exit_layers`` (1 .. L-1) to the
         final-normed hidden state after the first e layers (``[B, S, D]``), which the shared head turns into
-        early-exit predictions (LayerSkip). ``balance``: a list the MoE layers append their routing to.
+        early-exit predictions (LayerSkip). ``balance``: a list the MoE layers append their routing to;
+        ``aux``: a list attention modules append their own training losses to (DSA's indexer loss).
         """
         self._check_ids(input_ids)
         b, s = input_ids.shape
@@ -169,7 +180,7 @@ class Transformer(nn.Module):
         h = self.embed_tokens(input_ids)  # [B, S, D]
         exits = {}
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, balance=balance)
+            h = layer(h, cos, sin, balance=balance, aux=aux)
             if i + 1 in want:
                 exits[i + 1] = self.norm(h)
         return self.norm(h), exits

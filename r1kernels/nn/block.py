@@ -15,6 +15,19 @@ from .moe import MLP, MoE
 from .norm import RMSNorm
 
 
+def _attention(cfg: ModelConfig) -> nn.Module:
+    """The attention module ``cfg.attention`` names (the sparse ones are imported only when used)."""
+    if cfg.attention == "nsa":
+        from .sparse import NSAttention
+
+        return NSAttention(cfg)
+    if cfg.attention == "mla_dsa":
+        from .sparse_dsa import MLADSA
+
+        return MLADSA(cfg)
+    return MLA(cfg)
+
+
 class Block(nn.Module):
     """Pre-norm block: ``h = h + MLA(norm(h))``, ``h = h + FFN(norm(h))``; FFN is MoE or a dense MLP."""
 
@@ -22,17 +35,19 @@ class Block(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLA(cfg)
+        self.self_attn = _attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
                 cache: Optional[LatentKVCache] = None, absorbed: bool = False,
-                balance: Optional[list] = None) -> torch.Tensor:
+                balance: Optional[list] = None, aux: Optional[list] = None) -> torch.Tensor:
         """h ``[B, S, D]`` -> ``[B, S, D]``; with a cache, this block uses its slot ``layer_idx``.
-        ``balance``: a list that MoE layers append their routing to (see ``MoE.forward``)."""
+        ``balance``: a list that MoE layers append their routing to (see ``MoE.forward``); ``aux``: a list
+        that attention modules with a training loss of their own (DSA's indexer) append it to."""
+        extra = {"aux": aux} if aux is not None and getattr(self.self_attn, "has_aux_loss", False) else {}
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache=cache, layer_idx=self.layer_idx,
-                               absorbed=absorbed)
+                               absorbed=absorbed, **extra)
         x = self.post_attention_layernorm(h)
         return h + (self.mlp(x, balance) if balance is not None and isinstance(self.mlp, MoE) else self.mlp(x))
 

@@ -40,7 +40,8 @@ class LatentKVCache:
     """
 
     def __init__(self, num_layers: int, batch_size: int, max_seqlen: int, width: int, *, page_size: int = 64,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", first_layer: int = 0):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", first_layer: int = 0,
+                 index_dim: int = 0):
         if page_size <= 0 or max_seqlen <= 0 or batch_size <= 0:
             raise ValueError(f"LatentKVCache: page_size, max_seqlen and batch_size must be positive, got "
                              f"{page_size}, {max_seqlen}, {batch_size}")
@@ -52,6 +53,10 @@ class LatentKVCache:
         self.first_layer = first_layer
         self.num_layers = num_layers
         self.kv = torch.zeros(num_layers, batch_size * pages, page_size, width, dtype=dtype, device=device)
+        # DSA (attention="mla_dsa"): the lightning indexer's key per token, [num_layers, N, P, index_dim],
+        # paged like the latent rows; None for dense MLA.
+        self.index_keys = (torch.zeros(num_layers, batch_size * pages, page_size, index_dim, dtype=dtype, device=device)
+                           if index_dim > 0 else None)
         self.block_table = torch.arange(batch_size * pages, dtype=torch.int32, device=device).view(batch_size, pages)
         self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
         self.max_committed = 0  # host-side upper bound of seqlens
@@ -60,13 +65,23 @@ class LatentKVCache:
     def batch_size(self) -> int:
         return self.block_table.shape[0]
 
-    def layer_kv(self, layer: int) -> torch.Tensor:
-        """``[N, P, C]``: the pages of model layer ``layer``."""
+    def _slot(self, layer: int) -> int:
+        """The index of model layer ``layer`` in this cache's tensors."""
         i = layer - self.first_layer
         if not 0 <= i < self.num_layers:
             raise IndexError(f"LatentKVCache: layer {layer} is not held here (layers {self.first_layer}.."
                              f"{self.first_layer + self.num_layers - 1})")
-        return self.kv[i]
+        return i
+
+    def layer_kv(self, layer: int) -> torch.Tensor:
+        """``[N, P, C]``: the pages of model layer ``layer``."""
+        return self.kv[self._slot(layer)]
+
+    def layer_index_keys(self, layer: int) -> torch.Tensor:
+        """``[N, P, index_dim]``: the indexer-key pages of model layer ``layer`` (DSA caches only)."""
+        if self.index_keys is None:
+            raise ValueError("LatentKVCache: this cache holds no indexer keys (built with index_dim=0)")
+        return self.index_keys[self._slot(layer)]
 
     def check_room(self, new_tokens: int) -> None:
         if self.max_committed + new_tokens > self.capacity:
@@ -81,6 +96,18 @@ class LatentKVCache:
         """Store the rows ``[c_kv [B, S, L], k_pe [B, S, R]]`` at positions ``seqlens + [0, S)`` of ``layer``
         (not yet committed)."""
         ops.mla_cache_append(self.layer_kv(layer), self.block_table, self.seqlens, c_kv, k_pe)
+
+    def write_index(self, layer: int, k_idx: torch.Tensor) -> None:
+        """Store DSA's indexer keys ``k_idx [B, S, index_dim]`` at positions ``seqlens + [0, S)`` of ``layer``
+        (not yet committed), in the same pages and rows as the latent rows (device-side indexing, no sync)."""
+        pages = self.layer_index_keys(layer)  # [N, P, index_dim]
+        b, s, di = k_idx.shape
+        if b != self.batch_size or di != pages.shape[-1]:
+            raise ValueError(f"LatentKVCache.write_index: k_idx must be [{self.batch_size}, S, {pages.shape[-1]}], "
+                             f"got {tuple(k_idx.shape)}")
+        pos = self.positions(s)  # [B, S]
+        page_ids = self.block_table.long().gather(1, pos // self.page_size)  # [B, S]
+        pages[page_ids, pos % self.page_size] = k_idx.to(pages.dtype)
 
     def advance(self, new_tokens: int) -> None:
         """Commit ``new_tokens`` more tokens in every request."""
@@ -124,11 +151,19 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)  # W_UK, W_UV
         self.o_proj = nn.Linear(h * cfg.v_head_dim, d, bias=cfg.attention_bias)
 
-    def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def q_latent(self, x: torch.Tensor) -> torch.Tensor:
+        """The input of the query up-projection: ``norm(W_DQ x)`` ``[B, S, q_lora_rank]``, or x ``[B, S, D]``
+        itself when ``q_lora_rank`` is None (DSA's indexer reads its query from the same tensor)."""
+        return x if self.q_lora_rank is None else self.q_a_layernorm(self.q_a_proj(x))
+
+    def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 q_in: Optional[torch.Tensor] = None):
         """Queries and the latent of x ``[B, S, D]``: q_nope ``[B,S,H,Dn]``, q_pe ``[B,S,H,R]`` (rotated),
-        c_kv ``[B,S,L]`` (normalised), k_pe ``[B,S,1,R]`` (rotated)."""
+        c_kv ``[B,S,L]`` (normalised), k_pe ``[B,S,1,R]`` (rotated). ``q_in``: ``self.q_latent(x)`` when the
+        caller already has it."""
         b, s, _ = x.shape
-        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_in = self.q_latent(x) if q_in is None else q_in
+        q = self.q_proj(q_in) if self.q_lora_rank is None else self.q_b_proj(q_in)
         q = q.view(b, s, self.n_heads, self.qk_head_dim)  # [B, S, H, Dqk]
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         kv = self.kv_a_proj_with_mqa(x)  # [B, S, L + R]
@@ -164,12 +199,28 @@ class MLA(nn.Module):
             o = ops.mla_attention(q.reshape(b * s, h, -1), k.reshape(b * s, h, -1), v.reshape(b * s, h, dv),
                                   cu, s, softmax_scale=self.softmax_scale, causal=True)  # [B*S, H, Dv]
             return self.o_proj(o.reshape(b, s, h * dv))
-        w = self.kv_b_proj.weight.view(h, dn + dv, lr)  # [H, Dn + Dv, L]
-        w_uk, w_uv = w[:, :dn], w[:, dn:]  # [H, Dn, L], [H, Dv, L]
-        q_lat = torch.einsum("bshn,hnl->bshl", q_nope, w_uk)  # [B, S, H, L]: W_UK absorbed into the query
-        q_full = torch.cat([q_lat, q_pe], dim=-1)  # [B, S, H, C]
+        q_full = self._absorbed_query(q_nope, q_pe)  # [B, S, H, C]
         cache.write(layer_idx, c_kv, k_pe.squeeze(2))
         o_lat, _ = ops.mla_decode(q_full.to(cache.kv.dtype), cache.layer_kv(layer_idx), cache.block_table,
                                   cache.seqlens + s, softmax_scale=self.softmax_scale, causal=True, head_dim_v=lr)
-        o = torch.einsum("bshl,hvl->bshv", o_lat.to(x.dtype), w_uv)  # [B, S, H, Dv]: W_UV absorbed into the output
-        return self.o_proj(o.reshape(b, s, h * dv))
+        return self._absorbed_output(o_lat.to(x.dtype))
+
+    def _up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W_UK [H, Dn, L], W_UV [H, Dv, L])``: views of ``kv_b_proj.weight``."""
+        h, dn, dv = self.n_heads, self.qk_nope_head_dim, self.v_head_dim
+        w = self.kv_b_proj.weight.view(h, dn + dv, self.kv_lora_rank)  # [H, Dn + Dv, L]
+        return w[:, :dn], w[:, dn:]
+
+    def _absorbed_query(self, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
+        """q_nope ``[B,S,H,Dn]``, q_pe ``[B,S,H,R]`` -> ``[B, S, H, C]``: ``[q_nope W_UK, q_pe]``, the query of
+        one shared latent head."""
+        w_uk, _ = self._up_weights()
+        q_lat = torch.einsum("bshn,hnl->bshl", q_nope, w_uk)  # [B, S, H, L]: W_UK absorbed into the query
+        return torch.cat([q_lat, q_pe], dim=-1)  # [B, S, H, C]
+
+    def _absorbed_output(self, o_lat: torch.Tensor) -> torch.Tensor:
+        """The latent attention output ``[B, S, H, L]`` -> ``[B, S, D]`` through W_UV and ``o_proj``."""
+        b, s, h, _ = o_lat.shape
+        _, w_uv = self._up_weights()
+        o = torch.einsum("bshl,hvl->bshv", o_lat, w_uv)  # [B, S, H, Dv]: W_UV absorbed into the output
+        return self.o_proj(o.reshape(b, s, h * self.v_head_dim))

@@ -59,3 +59,55 @@ def _device_reason(device: torch.device) -> Optional[str]:
 
 
 MLA_DECODE_CPU = Impl(mla_decode_batched, _check, _device_reason)
+
+
+def mla_attention_padded(q, k, v, cu_seqlens, max_seqlen, scale, causal, return_lse):
+    """The ``cpu`` backend of ``mla_attention``: sequences scattered into a padded ``[B, H, max_seqlen, D]``
+    batch, one SDPA call (differentiable), gathered back. Same contract as ``reference.mla_attention``.
+
+    Padding sits after each sequence's tokens, so under the causal mask no real query sees it; without the
+    causal mask a key-padding mask hides it. Measured on the tiny preset's training step (32 sequences of 29
+    tokens, 2 cores): the reference's per-sequence loop took 40% of the step (968 bmm calls), this path one
+    SDPA call per layer.
+    """
+    t, h, dqk = q.shape
+    b = cu_seqlens.numel() - 1
+    dev = q.device
+    tok = torch.arange(t, device=dev)
+    seq = torch.searchsorted(cu_seqlens[1:].long(), tok, right=True)  # [T]: the sequence of each token
+    pos = tok - cu_seqlens.long()[seq]  # [T]: its position in the sequence
+    slot = seq * max_seqlen + pos  # [T] into the flattened [B * S]
+
+    def padded(x):  # [T, H, D] -> [B, H, S, D]
+        out = x.new_zeros(b * max_seqlen, h, x.shape[-1]).index_copy(0, slot, x)
+        return out.view(b, max_seqlen, h, -1).transpose(1, 2)
+
+    qp, kp, vp = padded(q.float()), padded(k.float()), padded(v.float())
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()  # [B]
+    key_ok = torch.arange(max_seqlen, device=dev)[None, :] < lens[:, None]  # [B, S]
+    if return_lse:
+        scores = torch.einsum("bhqd,bhkd->bhqk", qp, kp) * scale  # [B, H, S, S]
+        mask = key_ok[:, None, None, :]
+        if causal:
+            mask = mask & torch.ones(max_seqlen, max_seqlen, dtype=torch.bool, device=dev).tril()
+        scores = scores.masked_fill(~mask, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)  # [B, H, S]
+        p = torch.exp(scores - lse[..., None].clamp_min(torch.finfo(torch.float32).min))
+        o = p @ vp
+    else:
+        attn_mask = None if causal else key_ok[:, None, None, :]
+        o = torch.nn.functional.scaled_dot_product_attention(qp, kp, vp, attn_mask=attn_mask, is_causal=causal,
+                                                             scale=scale)  # [B, H, S, Dv]
+    out = o.transpose(1, 2).reshape(b * max_seqlen, h, -1).index_select(0, slot).to(q.dtype)  # [T, H, Dv]
+    if not return_lse:
+        return out
+    return out, lse.transpose(0, 1).reshape(h, b * max_seqlen).index_select(1, slot)  # [H, T]
+
+
+def _attention_check(q, k, v, cu_seqlens, max_seqlen, scale, causal, return_lse) -> Optional[str]:
+    if q.device.type != "cpu":
+        return f"this backend takes cpu tensors, got {q.device.type} tensors"
+    return None
+
+
+MLA_ATTENTION_CPU = Impl(mla_attention_padded, _attention_check, _device_reason)

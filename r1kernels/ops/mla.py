@@ -9,7 +9,7 @@ import torch
 
 from .. import reference
 from .._dispatch import Impl, Op, always, triton_check
-from ._mla_cpu import MLA_DECODE_CPU
+from ._mla_cpu import MLA_ATTENTION_CPU, MLA_DECODE_CPU
 from ._native import MLA_DECODE_CUDA
 from ._validate import FLOAT_DTYPES, check_tensor
 
@@ -82,7 +82,8 @@ def _decode_triton(q, kv_cache, block_table, cache_seqlens, scale, causal, head_
 
 
 MLA_ATTENTION = Op("mla_attention", {"reference": Impl(_attn_ref, always),
-                                     "triton": Impl(_attn_triton, _attn_triton_check)})
+                                     "triton": Impl(_attn_triton, _attn_triton_check),
+                                     "cpu": MLA_ATTENTION_CPU})
 MLA_CACHE_APPEND = Op("mla_cache_append", {"reference": Impl(reference.mla_cache_append, always),
                                            "triton": Impl(_cache_append_triton, triton_check)})
 MLA_DECODE = Op("mla_decode", {"reference": Impl(_decode_ref, always),
@@ -112,7 +113,8 @@ def mla_attention(
         softmax_scale: multiplies q.k; causal: each token sees its sequence's tokens up to itself.
     Returns:
         ``out [T, H, Dv]`` in q's dtype, and with ``return_lse`` ``lse [H, T]`` fp32 (natural log).
-    Differentiable in q, k, v through out and lse. Backends: ``reference``; ``triton`` (flash attention,
+    Differentiable in q, k, v through out and lse. Backends: ``reference``; ``cpu`` (padded batch, one SDPA
+    call; ``max_seqlen`` must bound every sequence); ``triton`` (flash attention,
     Dqk and Dv multiples of 16 up to 256; ``max_seqlen`` must bound every sequence, it sizes the grid).
     """
     check_tensor("mla_attention", "q", q, ndim=3, dtypes=FLOAT_DTYPES)
