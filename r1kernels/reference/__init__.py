@@ -9,6 +9,7 @@ from .mla import mla_attention, mla_cache_append, mla_decode
 from .moe import expert_counts, moe_align, moe_experts, moe_route, sequence_balance_loss, update_routing_bias
 from .norm import rms_norm, rms_norm_backward
 from .quant import fp8_block_dequant
+from .sampling import filtered_probs, sample, speculative_verify
 from .rope import apply_rope, rope_cos_sin, rope_inv_freq, yarn_get_mscale
 from .sparse_dsa import dsa_mla_decode, dsa_mla_prefill, dsa_topk, indexer_kl_loss, lightning_indexer
 
@@ -18,4 +19,5 @@ __all__ = [
     "yarn_get_mscale",
     "fused_linear_cross_entropy", "fused_linear_kd_loss", "fused_linear_logprobs", "grpo_loss", "head_logits", "kd_row_loss",
     "dsa_mla_decode", "dsa_mla_prefill", "dsa_topk", "indexer_kl_loss", "lightning_indexer",
+    "filtered_probs", "sample", "speculative_verify",
 ]
