@@ -216,6 +216,11 @@ class ModelConfig:
         d, h = self.hidden_size, self.num_attention_heads
 
         def attn() -> int:
+            if self.attention == "nsa":  # r1kernels.nn.sparse.NSAttention
+                hkv, dh, blk = self.nsa_num_kv_heads, self.nsa_head_dim, self.nsa_compress_block
+                n = d * h * dh + 2 * d * hkv * dh + h * dh * d + d * h * 3  # q, k, v, o, gate projections
+                n += 2 * (blk * dh + blk * dh * dh + dh * dh)  # compress_k / compress_v: pos_emb, fc1, fc2
+                return n + ((h * dh + 2 * hkv * dh + d + 3 * h) if self.attention_bias else 0)
             q = d * h * self.qk_head_dim if self.q_lora_rank is None else (
                 d * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * h * self.qk_head_dim)
             kv = d * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank

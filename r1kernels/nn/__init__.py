@@ -4,5 +4,8 @@ from .mla import MLA, LatentKVCache
 from .moe import MLP, Experts, Gate, MoE
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
+from .sparse import BlockCompressor, NSACache, NSAttention
+from .sparse_dsa import MLADSA, LightningIndexer
 
-__all__ = ["Block", "Experts", "Gate", "LatentKVCache", "MLA", "MLP", "MTPModule", "MoE", "RMSNorm", "RotaryEmbedding"]
+__all__ = ["Block", "BlockCompressor", "Experts", "Gate", "LatentKVCache", "LightningIndexer", "MLA", "MLADSA", "MLP",
+           "MTPModule", "MoE", "NSACache", "NSAttention", "RMSNorm", "RotaryEmbedding"]

@@ -24,6 +24,7 @@ import torch
 from ..config import ModelConfig
 from ..model import Transformer
 from ..training import LossConfig
+from ..training.distributed import init_from_env
 from ..training.trainer import TrainConfig
 from . import stages
 from .evaluate import evaluate, sampled_accuracy, speculative_speedup
@@ -58,26 +59,28 @@ class PipelineConfig:
     max_new_tokens: int = 48
     zero: bool = False
     sft_samples: int = 6000
-    sft_steps: int = 240
+    sft_steps: int = 300
     sft_batch: int = 32
     sft_lr: float = 3e-3
     grpo_steps: int = 30
-    grpo_lr: float = 3e-4
+    grpo_lr: float = 2e-4
     grpo: stages.GRPOConfig = field(default_factory=lambda: stages.GRPOConfig(prompts_per_step=12, group_size=8,
-                                                                                max_new_tokens=48, beta=0.02))
+                                                                                max_new_tokens=48, beta=0.04))
     rs_prompts: int = 384
     rs_samples: int = 4
     rs_steps: int = 80
     rs_lr: float = 1e-3
+    rs_trace_samples: int = 600
+    distill_trace_samples: int = 3000
     student: dict = field(default_factory=lambda: dict(num_hidden_layers=2, first_k_dense_replace=1,
                                                        num_nextn_predict_layers=0))
-    distill_steps: int = 160
+    distill_steps: int = 200
     distill_lr: float = 3e-3
     distill_kd_weight: float = 1.0
     bon_n: int = 4
     bon_prompts: int = 24
     spec_prompts: int = 8
-    spec_num_draft: int = 3
+    spec_num_draft: int = 5
     exit_layer: int = 1
     distributed: Optional[str] = None
 
@@ -86,7 +89,7 @@ class PipelineConfig:
         """A few steps of every stage on the 2-layer ``micro`` preset: the smoke test's configuration."""
         base = dict(name="micro", preset="micro", sft_samples=400, sft_steps=12, sft_batch=8, grpo_steps=2,
                     grpo=stages.GRPOConfig(prompts_per_step=2, group_size=4, max_new_tokens=16), rs_prompts=8,
-                    rs_samples=2, rs_steps=4, distill_steps=4, n_eval=8, max_new_tokens=16, bon_n=2, bon_prompts=2,
+                    rs_samples=2, rs_steps=4, rs_trace_samples=20, distill_trace_samples=40, distill_steps=4, n_eval=8, max_new_tokens=16, bon_n=2, bon_prompts=2,
                     spec_prompts=1, student=dict(num_hidden_layers=1, first_k_dense_replace=1,
                                                  num_nextn_predict_layers=0))  # exit layer 1 of 2
         base.update(overrides)
@@ -164,9 +167,12 @@ def run_pipeline(cfg: PipelineConfig, model_config: Optional[ModelConfig] = None
         model, tok, rs_prompts, n=cfg.rs_samples, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed))
     _log(f"[rejection_sampling] kept {len(kept)} of {len(rs_prompts)} prompts ({rs_stats['kept_fraction']:.2f})")
     refusals = safety.samples("train")
-    # keep the SFT traces in the mix too (R1 mixed reasoning and non-reasoning data), a quarter of the batch
-    mix = kept + refusals * 4 + train[:max(len(kept), 1) // 3]
-    mix_texts = texts + [REFUSAL_TEXT] * (4 * len(refusals)) + [s.solution for s in train[:max(len(kept), 1) // 3]]
+    # R1 mixed the verified reasoning samples with other SFT data (and safety data); here: the kept samples,
+    # the refusals (repeated 4x, 24 prompts) and a slice of the cold-start traces, so the stage adds safety
+    # without forgetting the tasks
+    traces = train[:cfg.rs_trace_samples]
+    mix = kept + refusals * 4 + traces
+    mix_texts = texts + [REFUSAL_TEXT] * (4 * len(refusals)) + [s.solution for s in traces]
     histories["rejection_sampling_sft"] = timed("rejection_sampling_sft", lambda: stages.sft(
         model, tok, mix, _train_config(cfg, cfg.rs_steps, cfg.rs_lr), losses=losses, batch_size=cfg.sft_batch,
         max_len=cfg.max_len, run_dir=os.path.join(run_dir, "rejection_sampling_sft"), name="rejection_sampling_sft",
@@ -176,8 +182,12 @@ def run_pipeline(cfg: PipelineConfig, model_config: Optional[ModelConfig] = None
     # 4. distillation into a smaller student: SFT on the teacher's verified traces + logit KD
     student_cfg = dataclasses.replace(mcfg, **cfg.student)
     student = Transformer(student_cfg)
+    # the student learns the teacher's verified samples, the refusals and the traces the teacher was taught,
+    # matching the teacher's token distributions on all of them (logit KD)
+    d_traces = train[:cfg.distill_trace_samples]
+    d_mix, d_texts = kept + refusals * 4 + d_traces, texts + [REFUSAL_TEXT] * (4 * len(refusals)) + [s.solution for s in d_traces]
     histories["distill"] = timed("distill", lambda: stages.distill(
-        student, model, tok, mix, mix_texts, _train_config(cfg, cfg.distill_steps, cfg.distill_lr),
+        student, model, tok, d_mix, d_texts, _train_config(cfg, cfg.distill_steps, cfg.distill_lr),
         kd_weight=cfg.distill_kd_weight, batch_size=cfg.sft_batch, max_len=cfg.max_len,
         losses=LossConfig(balance_alpha=1e-4), run_dir=os.path.join(run_dir, "distill"), name="distill"))
     student_metrics = record("distilled_student", student, {"parameters": student_cfg.num_parameters()})
@@ -191,8 +201,10 @@ def run_pipeline(cfg: PipelineConfig, model_config: Optional[ModelConfig] = None
     _log(f"[deployment] best-of-{cfg.bon_n} {bon['best_of_n_accuracy']:.3f}, majority vote "
          f"{bon['majority_vote_accuracy']:.3f}; speculative {spec['best_mode']} speedup {spec['speedup']:.2f}x, "
          f"acceptance {spec['acceptance']:.2f}")
-    model.save_pretrained(os.path.join(run_dir, "teacher"))
-    student.save_pretrained(os.path.join(run_dir, "student"))
+    main_rank = init_from_env(next(model.parameters()).device).is_main  # under torchrun only rank 0 writes
+    if main_rank:
+        model.save_pretrained(os.path.join(run_dir, "teacher"))
+        student.save_pretrained(os.path.join(run_dir, "student"))
 
     acc_t = teacher_metrics["accuracy"]
     report = {
@@ -206,8 +218,9 @@ def run_pipeline(cfg: PipelineConfig, model_config: Optional[ModelConfig] = None
         "timings_s": timings,
         "total_s": time.perf_counter() - t_start,
     }
-    write_report(run_dir, report, histories)
-    _log(f"report: {os.path.join(run_dir, 'report.md')} ({report['total_s']:.0f} s)")
+    if main_rank:
+        write_report(run_dir, report, histories)
+        _log(f"report: {os.path.join(run_dir, 'report.md')} ({report['total_s']:.0f} s)")
     return report
 
 

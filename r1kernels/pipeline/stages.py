@@ -12,6 +12,7 @@ per-token log-probabilities from ``ops.fused_linear_logprobs`` (no [B·S, V] log
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -27,14 +28,15 @@ from .rewards import RewardFn, SafetyChecker, accuracy_reward, format_reward
 from .tasks import Sample
 
 
-def sft_batches(pairs: Sequence[tuple], batch_size: int, pad_id: int, seed: int, device) -> Callable:
+def sft_batches(pairs: Sequence[tuple], batch_size: int, pad_id: int, seed: int, device, grad_accum: int = 1) -> Callable:
     """The batch function of an SFT stage: step s draws ``batch_size`` pairs with ``Random(seed, s)``; under
-    torchrun rank r takes its own slice of the step's draw (so 2 ranks x B/2 = 1 rank x B)."""
+    torchrun rank r takes its own slice of the step's draw (so 2 ranks x B/2 = 1 rank x B), split into
+    ``grad_accum`` micro-batches."""
     def batches(step: int, rank: int, world: int) -> list:
         rng = random.Random(seed * 1_000_003 + step)
         draw = [pairs[rng.randrange(len(pairs))] for _ in range(batch_size)]
         share = draw[rank::world]
-        return [collate(share, pad_id, device)]
+        return [collate(share[i::grad_accum], pad_id, device) for i in range(grad_accum)]
     return batches
 
 
@@ -56,7 +58,8 @@ def sft(model, tokenizer, samples: Sequence[Sample], config: TrainConfig, *, los
         return causal_lm_loss(m, batch.input_ids, batch.labels, losses, exit_scale=ramp)
 
     trainer = Trainer(model, config, run_dir, name=name)
-    return trainer.fit(sft_batches(pairs, batch_size, tokenizer.pad_id, config.seed, device), loss_fn, on_step)
+    return trainer.fit(sft_batches(pairs, batch_size, tokenizer.pad_id, config.seed, device, config.grad_accum),
+                       loss_fn, on_step)
 
 
 # ---------------------------------------------------------------------------------------------- GRPO
@@ -172,6 +175,9 @@ def grpo(model, tokenizer, samples: Sequence[Sample], config: TrainConfig, grpo_
     def on_step(metrics: dict) -> None:
         metrics.update(last)
 
+    if grpo_cfg.loss_type in ("grpo", "dr_grpo"):
+        # these losses normalise per sequence / by a fixed count already: weight the step's parts equally
+        config = dataclasses.replace(config, loss_weighting="mean")
     trainer = Trainer(model, config, run_dir, name=name)
     return trainer.fit(batches, loss_fn, on_step)
 
@@ -224,4 +230,5 @@ def distill(student, teacher, tokenizer, samples: Sequence[Sample], completions:
         return LossOutput(out.total + kd_weight * kd, parts, hidden)
 
     trainer = Trainer(student, config, run_dir, name=name)
-    return trainer.fit(sft_batches(pairs, batch_size, tokenizer.pad_id, config.seed, device), loss_fn)
+    return trainer.fit(sft_batches(pairs, batch_size, tokenizer.pad_id, config.seed, device, config.grad_accum),
+                       loss_fn)

@@ -67,19 +67,26 @@ def wrap(loss_module: nn.Module, mode: Optional[str], info: DistInfo, blocks: li
     counts until the trainer sums them over ranks (broadcasting rank 0's buffers at every forward would overwrite
     them between micro-batches), and the routing biases stay identical because every rank applies the same
     update from the summed counts. ``find_unused_parameters=True`` because a stage's loss need not touch every
-    parameter (GRPO's log-probabilities leave the MTP modules and the early-exit path out).
+    parameter (GRPO's log-probabilities leave the MTP modules out); it costs a walk of the autograd graph per
+    step, and DDP warns once when a run happens to use every parameter.
     """
     if not info.enabled or mode is None:
         return loss_module
     if mode == "ddp":
+        import inspect
+
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(loss_module, broadcast_buffers=False, find_unused_parameters=True)
+        # newer torch renamed the flag (and deprecated the old name); both keep the sync at construction
+        key = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+               else "broadcast_buffers")
+        return DistributedDataParallel(loss_module, find_unused_parameters=True, **{key: False})
     if mode == "fsdp":
         try:
             from torch.distributed.fsdp import fully_shard
         except ImportError as exc:  # torch < 2.6
-            raise RuntimeError(f"distributed='fsdp' needs torch.distributed.fsdp.fully_shard (torch >= 2.6): {exc}") from exc
+            raise RuntimeError(f"distributed='fsdp' needs torch.distributed.fsdp.fully_shard (torch >= 2.6): "
+                               f"{exc}") from exc
         broadcast_module_(loss_module, info)  # FSDP2 shards each rank's own copy: make the copies identical first
         for block in blocks:
             fully_shard(block)

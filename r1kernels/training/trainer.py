@@ -138,10 +138,11 @@ class _Interrupts:
     """SIGINT (Ctrl-C) handling of a training loop.
 
     One process: the handler raises KeyboardInterrupt at once, except inside :meth:`critical` (the optimiser
-    step, the bias update and the step count), where it is held until the section ends, so a checkpoint never
-    holds half an update. Several processes: the interrupt is only recorded; the trainer sums the flag over
-    ranks after each step and every rank stops at the same step boundary (an FSDP checkpoint needs every rank).
-    A second Ctrl-C more than a second after the first raises at once wherever it lands.
+    step, the bias update and the step count), where it is only recorded, so a checkpoint never holds half an
+    update; the loop then stops after logging that step. Several processes: the interrupt is only recorded; the
+    trainer sums the flag over ranks after each step and every rank stops at the same step boundary (an FSDP
+    checkpoint needs every rank). A second Ctrl-C more than a second after the first raises at once wherever it
+    lands.
     """
 
     def __init__(self, deferred: bool):
@@ -160,6 +161,7 @@ class _Interrupts:
             yield
         finally:
             signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+            self.pending = False
 
     def _handler(self, signum, frame) -> None:
         now = time.monotonic()
@@ -178,9 +180,6 @@ class _Interrupts:
             yield
         finally:
             self._depth -= 1
-        if self._depth == 0 and self.pending and not self.deferred:
-            self.pending = False
-            raise KeyboardInterrupt
 
 
 def _atomic_write_text(path: str, text: str) -> None:
@@ -336,7 +335,8 @@ class Trainer:
             self.step += 1
         keys = sorted(sums)
         flag = torch.tensor([1.0 if self._interrupts.pending else 0.0], device=self.device)
-        packed = dist_utils.all_reduce_sum_(torch.cat([torch.stack([sums[k] for k in keys]).reshape(-1), flag]), self.info)
+        packed = torch.cat([torch.stack([sums[k] for k in keys]).reshape(-1), flag])  # one all-reduce for all
+        dist_utils.all_reduce_sum_(packed, self.info)
         values = packed.tolist()  # the step's one host sync, for logging
         self._stop_requested = values[-1] > 0
         dt = time.perf_counter() - t0
@@ -461,7 +461,8 @@ class Trainer:
             missing = sorted(set(sum(current, [])) - set(sum(stored, [])))
             extra = sorted(set(sum(stored, [])) - set(sum(current, [])))
             raise ValueError(f"{self.name}: the checkpoint's optimizer state does not match the model's parameters "
-                             f"(missing: {missing[:8]}, unexpected: {extra[:8]}, groups {len(stored)} vs {len(current)})")
+                             f"(missing: {missing[:8]}, unexpected: {extra[:8]}, "
+                             f"groups {len(stored)} vs {len(current)})")
         index, pos = {}, 0
         for g in groups:
             for p in g["params"]:
@@ -494,7 +495,7 @@ class Trainer:
         root = self._checkpoint_root()
         name = f"step_{self.step:06d}"
         final = os.path.join(root, name)
-        if self._saved_step == self.step and os.path.isdir(final):
+        if self._saved_step == self.step:  # (decided alike on every rank: the gathers below are collectives)
             return final if self.info.is_main else None
         self._sync_model()
         optim_sd = self._optimizer_state()
@@ -616,7 +617,8 @@ class Trainer:
         own = self.model.state_dict()
         missing = sorted(set(own) - set(loaded))
         if missing:
-            raise ValueError(f"{self.name}: checkpoint {model_dir} lacks {len(missing)} tensor(s) of the model: {missing[:8]}")
+            raise ValueError(f"{self.name}: checkpoint {model_dir} lacks {len(missing)} tensor(s) of the model: "
+                             f"{missing[:8]}")
         with torch.no_grad():
             for name, t in own.items():
                 t.copy_(loaded[name].to(t.dtype))
