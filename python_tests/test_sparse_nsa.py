@@ -27,6 +27,7 @@ from r1kernels.reference import sparse as ref
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 INTERP_DTYPES = [torch.float32, torch.float16]
+BF16_GPU = pytest.param(torch.bfloat16, marks=pytest.mark.gpu, id="bfloat16")  # the interpreter's bf16 dot is wrong
 LENS = [1, 17, 70, 129]
 DT_ID = lambda d: str(d).replace("torch.", "")  # noqa: E731
 
@@ -184,7 +185,7 @@ def test_overlap_weights_are_eq9():
 G_CASES = [(4, 4), (4, 2), (4, 1), (16, 1)]  # (H, Hk): G = 1, 2, 4, 16
 
 
-@pytest.mark.parametrize("dtype", INTERP_DTYPES, ids=DT_ID)
+@pytest.mark.parametrize("dtype", INTERP_DTYPES + [BF16_GPU], ids=DT_ID)
 @pytest.mark.parametrize("h,hk", G_CASES, ids=lambda x: str(x))
 def test_compress_attention_matches_reference(h, hk, dtype):
     d, dv = (16, 32) if hk != 2 else (32, 16)
@@ -205,7 +206,7 @@ def test_compress_attention_matches_reference(h, hk, dtype):
     _assert_close_all(("out", "dq", "dk_cmp", "dv_cmp"), [o, *grads], [ro, *rgrads], mags, dtype)
 
 
-@pytest.mark.parametrize("dtype", INTERP_DTYPES, ids=DT_ID)
+@pytest.mark.parametrize("dtype", INTERP_DTYPES + [BF16_GPU], ids=DT_ID)
 @pytest.mark.parametrize("h,hk,window", [(4, 4, 1), (4, 2, 20), (4, 1, 64), (16, 1, 33)], ids=str)
 def test_sliding_window_matches_reference(h, hk, window, dtype):
     p = Problem(LENS, h, hk, 32, 16, dtype, seed=window)
@@ -227,7 +228,8 @@ def test_sliding_window_matches_reference(h, hk, window, dtype):
 GEOMETRIES = [(32, 16, 64), (32, 16, 16), (4, 2, 2), (8, 2, 4), (5, 2, 4)]
 
 
-SCORE_CASES = [(geo, torch.float32) for geo in GEOMETRIES] + [(geo, torch.float16) for geo in GEOMETRIES[1:3]]
+SCORE_CASES = ([(geo, torch.float32) for geo in GEOMETRIES] + [(geo, torch.float16) for geo in GEOMETRIES[1:3]]
+               + [pytest.param(GEOMETRIES[0], torch.bfloat16, marks=pytest.mark.gpu)])
 
 
 @pytest.mark.parametrize("geo,dtype", SCORE_CASES, ids=lambda x: DT_ID(x) if isinstance(x, torch.dtype) else str(x))
@@ -303,7 +305,9 @@ def _check_selected(p: Problem, block_idx, lsel, dtype):
 
 # (H, Hk, n, l', dtype): G = 1, 2, 4, 16 in fp32, G = 1 and 16 in fp16
 SELECTED_CASES = [(2, 2, 3, 16, torch.float32), (2, 1, 4, 16, torch.float32), (4, 1, 2, 32, torch.float32),
-                  (16, 1, 3, 16, torch.float32), (2, 2, 3, 16, torch.float16), (16, 1, 2, 32, torch.float16)]
+                  (16, 1, 3, 16, torch.float32), (2, 2, 3, 16, torch.float16), (16, 1, 2, 32, torch.float16),
+                  pytest.param(16, 1, 3, 16, torch.bfloat16, marks=pytest.mark.gpu),
+                  pytest.param(2, 2, 3, 16, torch.bfloat16, marks=pytest.mark.gpu)]
 
 
 @pytest.mark.parametrize("h,hk,n,lsel,dtype", SELECTED_CASES,
@@ -311,7 +315,7 @@ SELECTED_CASES = [(2, 2, 3, 16, torch.float32), (2, 1, 4, 16, torch.float32), (4
 def test_selected_attention_matches_reference(h, hk, n, lsel, dtype):
     # one program per (token, KV head) runs in Python under the interpreter: the full varlen batch once (G = 16),
     # the other cases on its first three sequences
-    lens = LENS if (h, dtype) == (16, torch.float32) else [1, 17, 70]
+    lens = LENS if (h, dtype) == (16, torch.float32) or DEV.type == "cuda" else [1, 17, 70]
     p = Problem(lens, h, hk, 16, 32, dtype, seed=h * n)
     _check_selected(p, _selection(p, n, lsel, seed=h), lsel, dtype)
 
@@ -394,7 +398,8 @@ def _nsa_abs_sums(p: Problem, geo: dict) -> dict:
 
 
 
-@pytest.mark.parametrize("h,hk,dtype", [(4, 2, torch.float32), (16, 1, torch.float32), (4, 1, torch.float16)],
+@pytest.mark.parametrize("h,hk,dtype", [(4, 2, torch.float32), (16, 1, torch.float32), (4, 1, torch.float16),
+                                        pytest.param(16, 1, torch.bfloat16, marks=pytest.mark.gpu)],
                          ids=lambda x: DT_ID(x) if isinstance(x, torch.dtype) else str(x))
 def test_nsa_attention_matches_reference(h, hk, dtype):
     p = Problem([1, 17, 70] if dtype == torch.float32 else [17, 45], h, hk, 16, 16, dtype, l=8, stride=4, seed=11)
@@ -431,7 +436,7 @@ def _decode_problem(lens, h, hk, d, dv, dtype, geo, smax, seed=0, poison=True):
     return p, caches, seqlens, cmp_lens, p.q.detach()[last], p.gates.detach()[last], last
 
 
-@pytest.mark.parametrize("dtype", INTERP_DTYPES, ids=DT_ID)
+@pytest.mark.parametrize("dtype", INTERP_DTYPES + [BF16_GPU], ids=DT_ID)
 @pytest.mark.parametrize("h,hk", [(4, 2), (16, 1)], ids=str)
 def test_decode_matches_reference_and_prefill_last_rows(h, hk, dtype):
     lens = [1, 17, 70, 129]
@@ -533,9 +538,12 @@ def test_errors_name_the_argument():
 @pytest.mark.gpu
 @pytest.mark.parametrize("h,hk", [(16, 1), (64, 4)], ids=str)
 def test_bf16_nsa_on_gpu(h, hk):
+    # V3-like widths with the paper's geometry. Every sequence fits the n l' = 1024 selection budget, so both
+    # sides select every causal block: bf16 scores that nearly tie cannot pick different blocks on the two
+    # sides (partial selection is checked on exact inputs by the top-n and selected-branch tests).
     p = Problem([1, 300, 1000, 77], h, hk, 128, 128, torch.bfloat16, seed=13)
     ins = [p.q, p.k, p.v, p.k_cmp, p.v_cmp, p.gates]
-    geo = dict(num_selected=8, window=128)
+    geo = dict(window=128)
     o = ops.nsa_attention(*ins, p.cu, p.cu_cmp, backend="triton", **geo)
     grads = torch.autograd.grad(o, ins, p.do)
     leaves = _f32(*ins)

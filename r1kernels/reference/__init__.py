@@ -11,6 +11,7 @@ from .norm import rms_norm, rms_norm_backward
 from .quant import fp8_block_dequant
 from .sampling import filtered_probs, sample, speculative_verify
 from .rope import apply_rope, rope_cos_sin, rope_inv_freq, yarn_get_mscale
+from .sparse import compressed_cu_seqlens, nsa_attention, nsa_decode
 from .sparse_dsa import dsa_mla_decode, dsa_mla_prefill, dsa_topk, indexer_kl_loss, lightning_indexer
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "fused_linear_cross_entropy", "fused_linear_kd_loss", "fused_linear_logprobs", "grpo_loss", "head_logits", "kd_row_loss",
     "dsa_mla_decode", "dsa_mla_prefill", "dsa_topk", "indexer_kl_loss", "lightning_indexer",
     "filtered_probs", "sample", "speculative_verify",
+    "compressed_cu_seqlens", "nsa_attention", "nsa_decode",
 ]
