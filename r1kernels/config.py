@@ -367,6 +367,12 @@ class ModelConfig:
             dtype=str(c.get("torch_dtype") or c.get("dtype") or "bfloat16"),
             bos_token_id=c.get("bos_token_id"), eos_token_id=eos, pad_token_id=c.get("pad_token_id"),
         )
+        # the sparse-attention fields (V3.2's index_* names; our nsa_*), when the file has them
+        sparse = ("attention", "index_n_heads", "index_head_dim", "index_topk", "nsa_num_kv_heads", "nsa_head_dim",
+                  "nsa_compress_block", "nsa_compress_stride", "nsa_select_block", "nsa_num_selected", "nsa_window")
+        kw.update({k: c[k] for k in sparse if c.get(k) is not None})
+        if "attention" not in c and "index_topk" in c:  # DeepSeek-V3.2's config.json: DSA
+            kw["attention"] = "mla_dsa"
         return cls(**kw)
 
     def to_hf_dict(self) -> dict[str, Any]:
