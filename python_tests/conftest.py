@@ -17,6 +17,12 @@ if not _HAS_CUDA:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# One torch thread for the suite (R1K_TEST_THREADS overrides): most tests run tiny models and shapes whose
+# ops take microseconds, where OpenMP's fork/join costs more than it saves, and on a 2-core machine shared
+# with other work 2 threads made them 4-10x slower (test_generate.py: 334 s with 2 threads, 80 s with 1,
+# same load). The C++ kernels' own OpenMP regions are unaffected.
+torch.set_num_threads(int(os.environ.get("R1K_TEST_THREADS", "1")))
+
 # The one tolerance table (DESIGN "Tests"): (atol, rtol) per dtype of the tensors compared, for the
 # comparison of a kernel against its reference. Reasoning: fp32 kernels reorder sums (~1e-6 relative);
 # fp16 / bf16 outputs are rounded once at the end (half an ulp: 2^-11 / 2^-8 relative) plus reordering.

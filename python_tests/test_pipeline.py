@@ -82,3 +82,23 @@ def test_micro_pipeline_writes_the_report(tmp_path):
     if report["plots"]:
         assert all((run_dir / f).stat().st_size > 1000 for f in report["plots"])
     assert not [f for f in os.listdir(run_dir) if ".tmp" in f]
+
+
+@pytest.mark.parametrize("attention,extra", [
+    ("nsa", dict(nsa_num_kv_heads=2, nsa_head_dim=16, nsa_compress_block=8, nsa_compress_stride=4,
+                 nsa_select_block=8, nsa_num_selected=3, nsa_window=8)),
+    ("mla_dsa", dict(index_n_heads=2, index_head_dim=16, index_topk=6)),
+])
+def test_micro_pipeline_runs_with_sparse_attention(tmp_path, attention, extra):
+    """Every stage (training, GRPO rollouts, speculative decoding, save and reload) with the sparse variants;
+    small blocks / budgets so that the sparsity is exercised on the micro tasks' short sequences."""
+    import dataclasses
+
+    from r1kernels import load_pretrained
+
+    cfg = dataclasses.replace(ModelConfig.preset("micro"), attention=attention, **extra)
+    report = run_pipeline(PipelineConfig.micro(out_dir=str(tmp_path), name=attention), model_config=cfg)
+    assert [s["name"] for s in report["stages"]][-1] == "distilled_student"
+    assert report["speculative"]["detail"]["early_exit"]["same_output"] is True
+    reloaded = load_pretrained(str(tmp_path / attention / "teacher"), dtype=torch.float32)
+    assert reloaded.config.attention == attention

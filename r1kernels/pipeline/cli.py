@@ -1,6 +1,6 @@
 """The pipeline's commands: ``r1k pipeline`` (every stage) and ``r1k train <stage>`` (one stage alone).
 
-    r1k pipeline [--name N] [--out-dir runs] [--seed S] [--zero] [--micro] [--distributed ddp|fsdp]
+    r1k pipeline [--name N] [--out-dir runs] [--seed S] [--zero] [--micro] [--distributed ddp|fsdp] [--threads 1]
     r1k train sft|grpo|rs|distill|eval (--model DIR | --preset tiny) --out DIR [--steps N] [--tasks a,b]
               [--seed S] [--batch B] [--lr LR] [--distributed ddp|fsdp] [--student-layers L]
 
@@ -25,6 +25,10 @@ def add_commands(sub) -> None:
     p.add_argument("--zero", action="store_true", help="R1-Zero: GRPO from the base model, no cold-start SFT")
     p.add_argument("--micro", action="store_true", help="a few steps of every stage (smoke test)")
     p.add_argument("--distributed", choices=("ddp", "fsdp"), default=None)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the tiny model runs hundreds of small ops per step, and on a "
+                        "2-core machine shared with other work 2 OpenMP threads made them up to 10x slower; 0 keeps "
+                        "torch's default)")
 
     t = sub.add_parser("train", help="run one pipeline stage on a model")
     t.add_argument("stage", choices=("sft", "grpo", "rs", "distill", "eval"))
@@ -45,8 +49,12 @@ def add_commands(sub) -> None:
 
 
 def run_pipeline_command(args) -> int:
+    import torch
+
     from .run import PipelineConfig, run_pipeline
 
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     kw = dict(out_dir=args.out_dir, seed=args.seed, zero=args.zero, distributed=args.distributed)
     if args.name:
         kw["name"] = args.name
