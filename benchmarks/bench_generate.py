@@ -13,7 +13,10 @@ rarely, so these rows show the cost of a round rather than a speedup; ``--fit-st
 model for N steps with the early-exit and MTP losses on the pipeline's arithmetic traces (a quick fit, so that
 drafts are accepted) and then compares plain and speculative decoding of that model on held-out prompts.
 
-    python -m benchmarks.bench_generate [--batch 1,32] [--new-tokens 64] [--fit-steps 0]
+    python -m benchmarks.bench_generate [--batch 1,32] [--new-tokens 64] [--fit-steps 0] [--long-context 4096]
+
+``--long-context N`` adds one decode step at N cached tokens for the tiny preset with dense MLA, NSA and DSA
+attention (the sparse attention issue's CPU goal).
 """
 from __future__ import annotations
 
@@ -138,6 +141,40 @@ def quick_fit(model, steps: int, *, seed: int = 0, batch: int = 16, log: Callabl
     return [tok.encode(s.prompt) for s in test], tok
 
 
+def long_context_rows(context: int, log: Callable[[str], None] = print, *, steps: int = 16) -> list[Row]:
+    """Decode cost per token at ``context`` cached tokens, batch 1, for the tiny preset with dense MLA, NSA and
+    DSA attention (random weights, the same seed): prefill ``context`` random tokens, then time ``steps``
+    single-token steps (the median step is reported)."""
+    from r1kernels import ModelConfig, Transformer
+
+    rows = []
+    for preset in ("tiny", "tiny-nsa", "tiny-dsa"):
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig.preset(preset)).eval()
+        cache = model.new_cache(1, context + steps + 2)
+        ids = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(1))
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            model(ids, cache=cache)
+            prefill_s = time.perf_counter() - t0
+            x = torch.tensor([[5]])
+            times = []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                model(x, cache=cache)
+                times.append(time.perf_counter() - t0)
+        med = statistics.median(times)
+        row = Row(family=FAMILY, op="decode step", case=f"{preset}, {context} cached tokens", shape="batch 1",
+                  mode="fwd", dtype="float32", impl=f"r1kernels {model.config.attention}", kind="r1kernels",
+                  ms=med * 1e3, ms_min=min(times) * 1e3, tokens_per_s=1 / med, note=f"prefill {prefill_s:.1f} s")
+        rows.append(row)
+        log(f"  {preset:<9} {context} cached: decode {med * 1e3:.2f} ms/token (prefill {prefill_s:.1f} s)")
+    dense = rows[0].ms
+    for r in rows[1:]:
+        r.vs_torch, r.torch_ref = dense / r.ms, "dense MLA decode (tiny)"
+    return rows
+
+
 def run(ctx: Context, ceilings: dict[str, Any], log: Callable[[str], None] = print, *, batches=(1, 32),
         new_tokens: int = 32, prompt_len: int = 16, fit_steps: int = 0) -> list[Row]:
     why = missing_api()
@@ -181,6 +218,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--fit-steps", type=int, default=0, help="quick-fit steps before the speculative rows (default 0)")
     p.add_argument("--budget-s", type=float, default=0.6, help="timed wall time per row (default 0.6)")
+    p.add_argument("--long-context", type=int, default=0,
+                   help="also time one decode step at this context for dense / NSA / DSA attention (e.g. 4096)")
     args = p.parse_args(argv)
     from .harness import make_context
 
@@ -189,6 +228,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     torch.manual_seed(0)
     rows = run(ctx, {}, batches=tuple(int(x) for x in args.batch.split(",")), new_tokens=args.new_tokens,
                prompt_len=args.prompt_len, fit_steps=args.fit_steps)
+    if args.long_context:
+        rows += long_context_rows(args.long_context)
     return 0 if all(r.status == "ok" for r in rows) else 1
 
 

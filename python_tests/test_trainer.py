@@ -284,6 +284,7 @@ def test_sigint_inside_the_optimizer_step_is_held_until_the_step_is_whole(refere
     """A real SIGINT delivered while AdamW is updating the weights of step 3: the update finishes, step 3 is
     logged and checkpointed, then KeyboardInterrupt; the checkpoint resumes into the uninterrupted run."""
     trainer = Trainer(_model(), _config(checkpoint_every=0), str(tmp_path), progress=False)
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN in a job started in the background
 
     def arm(metrics):
         if metrics["step"] == 2:  # during the next optimiser step, after its first parameter group is built
@@ -293,7 +294,7 @@ def test_sigint_inside_the_optimizer_step_is_held_until_the_step_is_whole(refere
         trainer.fit(rng_batches, loss_fn, on_step=arm)
     assert trainer.step == 3 and _latest(tmp_path) == "step_000003"
     assert [r["step"] for r in _metrics(tmp_path)] == [1, 2, 3]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the loop's handler is gone
+    assert signal.getsignal(signal.SIGINT) is before  # the loop's handler is gone, the caller's is back
     resumed = _model(seed=4)
     t2 = Trainer(resumed, _config(), str(tmp_path), progress=False)
     assert t2.resume() and t2.step == 3
