@@ -1,6 +1,6 @@
 """Run the benchmark families and write ``OUT/bench.json`` and ``OUT/bench.md``.
 
-    python -m benchmarks.run --out DIR [--device cuda|cpu] [--only norm,rope,moe,mla,sparse,loss,sampling,model,generate] [--shapes v3|cpu|smoke]
+    python -m benchmarks.run --out DIR [--device cuda|cpu] [--only norm,rope,moe,mla,sparse,loss,sampling,model,generate,dsa] [--shapes v3|cpu|smoke]
         [--cpu-budget-ms 200]
 
 The device ceilings (copy, matmul) are measured first, in the same process, and every row is set against
@@ -20,13 +20,13 @@ from typing import Optional
 
 import torch
 
-from . import bench_generate, bench_loss, bench_sampling, bench_sparse, bench_mla, bench_model, bench_moe, bench_norm, bench_rope
+from . import bench_dsa, bench_generate, bench_loss, bench_sampling, bench_sparse, bench_mla, bench_model, bench_moe, bench_norm, bench_rope
 from .harness import Row, make_context, measure_ceilings, result_dict, versions, write_results
 
 # Every benchmark family, in the order they run. A family module has FAMILY (its name), DEVICES (the
 # device types it runs on), peers(ctx) -> {library: version or why absent} and
 # run(ctx, ceilings, log) -> list[Row].
-FAMILIES = (bench_norm, bench_rope, bench_moe, bench_mla, bench_sparse, bench_loss, bench_sampling, bench_model, bench_generate)
+FAMILIES = (bench_norm, bench_rope, bench_moe, bench_mla, bench_sparse, bench_loss, bench_sampling, bench_model, bench_generate, bench_dsa)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
