@@ -42,8 +42,7 @@ class PipelineConfig:
         name: the run's folder under ``out_dir``; preset: the teacher's ``ModelConfig`` preset.
         tasks / difficulty: the built-in tasks trained and evaluated; n_eval: held-out prompts per evaluation.
         zero: R1-Zero mode (GRPO from the base model, no cold start).
-        sft_*: the cold-start SFT; grpo_* and ``grpo``: the RL stage (``grpo_tasks``: the tasks its prompts
-        come from); rs_*: rejection sampling and its SFT;
+        sft_*: the cold-start SFT; grpo_* and ``grpo``: the RL stage; rs_*: rejection sampling and its SFT;
         student / distill_*: the distilled model (``student`` overrides the teacher's config);
         bon_n / bon_prompts: best-of-N and majority-vote evaluation; spec_*: speculative-decoding measurement.
         exit_layer: the early-exit layer trained (LayerSkip) and used for self-speculation.
@@ -63,12 +62,7 @@ class PipelineConfig:
     sft_steps: int = 300
     sft_batch: int = 32
     sft_lr: float = 3e-3
-    grpo_steps: int = 40
-    # GRPO learns only from groups whose samples disagree; after cold start the tiny model solves ~0% of
-    # Countdown (no signal) and ~45% of arithmetic. Measured from the same SFT checkpoint, 40 steps, lr 3e-4:
-    # arithmetic-only prompts took held-out accuracy (both tasks) 0.240 -> 0.313; both tasks at lr 1e-4
-    # left it at 0.240, and at 3e-4 (30 steps) moved it to 0.229.
-    grpo_tasks: tuple = ("arithmetic",)
+    grpo_steps: int = 30
     grpo_lr: float = 2e-4
     grpo: stages.GRPOConfig = field(default_factory=lambda: stages.GRPOConfig(prompts_per_step=12, group_size=8,
                                                                                 max_new_tokens=48, beta=0.04))
@@ -161,11 +155,8 @@ def run_pipeline(cfg: PipelineConfig, model_config: Optional[ModelConfig] = None
         record("cold_start_sft", model)
 
     # 2. GRPO with rule-based rewards (accuracy + format), KL to the model it starts from
-    grpo_tasks = [t for t in cfg.grpo_tasks if t in tasks] or tasks  # never a task the run does not train
-    grpo_prompts = make_dataset(grpo_tasks, cfg.sft_samples, seed=cfg.seed + 2, difficulty=cfg.difficulty,
-                                split="train")
     histories["grpo"] = timed("grpo", lambda: stages.grpo(
-        model, tok, grpo_prompts, _train_config(cfg, cfg.grpo_steps, cfg.grpo_lr, routing_bias_gamma=0.0), cfg.grpo,
+        model, tok, train, _train_config(cfg, cfg.grpo_steps, cfg.grpo_lr, routing_bias_gamma=0.0), cfg.grpo,
         reward=RewardFn(accuracy=1.0, format=0.5), run_dir=os.path.join(run_dir, "grpo"), name="grpo"))
     record("grpo", model)
 
