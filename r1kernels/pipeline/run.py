@@ -71,6 +71,7 @@ class PipelineConfig:
     rs_steps: int = 80
     rs_lr: float = 1e-3
     rs_trace_samples: int = 600
+    rs_refusal_repeats: int = 12
     distill_trace_samples: int = 3000
     student: dict = field(default_factory=lambda: dict(num_hidden_layers=2, first_k_dense_replace=1,
                                                        num_nextn_predict_layers=0))
@@ -168,11 +169,13 @@ def run_pipeline(cfg: PipelineConfig, model_config: Optional[ModelConfig] = None
     _log(f"[rejection_sampling] kept {len(kept)} of {len(rs_prompts)} prompts ({rs_stats['kept_fraction']:.2f})")
     refusals = safety.samples("train")
     # R1 mixed the verified reasoning samples with other SFT data (and safety data); here: the kept samples,
-    # the refusals (repeated 4x, 24 prompts) and a slice of the cold-start traces, so the stage adds safety
-    # without forgetting the tasks
+    # the refusals of the 24 training prompts (repeated rs_refusal_repeats times) and a slice of the cold-start
+    # traces, so the stage adds safety without forgetting the tasks. Measured (seed 1): with 4 repeats the model
+    # began its refusals but garbled the text (unsafe rate 1.0 on the held-out harmful prompts), hence 12.
     traces = train[:cfg.rs_trace_samples]
-    mix = kept + refusals * 4 + traces
-    mix_texts = texts + [REFUSAL_TEXT] * (4 * len(refusals)) + [s.solution for s in traces]
+    reps = cfg.rs_refusal_repeats
+    mix = kept + refusals * reps + traces
+    mix_texts = texts + [REFUSAL_TEXT] * (reps * len(refusals)) + [s.solution for s in traces]
     histories["rejection_sampling_sft"] = timed("rejection_sampling_sft", lambda: stages.sft(
         model, tok, mix, _train_config(cfg, cfg.rs_steps, cfg.rs_lr), losses=losses, batch_size=cfg.sft_batch,
         max_len=cfg.max_len, run_dir=os.path.join(run_dir, "rejection_sampling_sft"), name="rejection_sampling_sft",
@@ -185,7 +188,8 @@ def run_pipeline(cfg: PipelineConfig, model_config: Optional[ModelConfig] = None
     # the student learns the teacher's verified samples, the refusals and the traces the teacher was taught,
     # matching the teacher's token distributions on all of them (logit KD)
     d_traces = train[:cfg.distill_trace_samples]
-    d_mix, d_texts = kept + refusals * 4 + d_traces, texts + [REFUSAL_TEXT] * (4 * len(refusals)) + [s.solution for s in d_traces]
+    d_mix = kept + refusals * reps + d_traces
+    d_texts = texts + [REFUSAL_TEXT] * (reps * len(refusals)) + [s.solution for s in d_traces]
     histories["distill"] = timed("distill", lambda: stages.distill(
         student, model, tok, d_mix, d_texts, _train_config(cfg, cfg.distill_steps, cfg.distill_lr),
         kd_weight=cfg.distill_kd_weight, batch_size=cfg.sft_batch, max_len=cfg.max_len,
