@@ -65,7 +65,7 @@ Byte formulas (the fewest bytes a pass moves: each input read once, each output 
   B [min(K, S) C e + H C e + H Dv e + 8 K + 4]; dense reads every cached row (``bench_mla.decode_bytes``:
   B S C e + B H C e + B H Dv e + 4 B ceil(S / P) + 4 B).
 
-Timing: the harness's (``run_case``), except that on CUDA a call that takes at least :data:`LONG_CALL_MS`
+Timing: ``harness.run_case`` with :func:`time_call` as its timer: on CUDA a call that takes at least :data:`LONG_CALL_MS`
 (measured once with CUDA events after the check call, which also compiles) keeps that one measurement instead
 of going through ``do_bench``, whose first call, estimate, warm-up and repetition make at least 8 more calls:
 dense SDPA fwd+bwd at 64k is tens of seconds a call, where one call's spread is far below 1%. A shorter call
@@ -90,8 +90,7 @@ import torch.nn.functional as F
 from .bench_mla import decode_bytes as dense_decode_bytes
 from .bench_mla import decode_flops as dense_decode_flops
 from .bench_mla import make_paged_cache, softmax_scale, torch_bmm_decode, torch_sdpa_decode
-from .harness import (REL_TOL, Case, Context, Impl, Row, _sync, _unavailable_types, fill_speedups, fill_throughput,
-                      format_row_line, rel_err, time_stats)
+from .harness import Case, Context, Impl, Row, format_row_line, run_case, time_stats
 from .shapes import MLA_PAGE, MLADecodeShape, ShapeSet
 
 FAMILY = "dsa"
@@ -486,51 +485,6 @@ def time_call(fn: Callable[[], Any], ctx: Context) -> tuple[float, Optional[floa
     return time_stats(fn, ctx)
 
 
-def run_case(ctx: Context, case: Case, ceilings: dict[str, Any]) -> list[Row]:
-    """``harness.run_case`` with :func:`time_call` as the timer: check every implementation against the case's
-    first torch baseline that runs, time it, fill throughputs and in-case speedups."""
-    unavailable = _unavailable_types()
-    rows: list[Row] = []
-    ref_out: Any = None
-    ref_name = ""
-    for impl in case.impls:
-        row = Row(family=case.family, op=case.op, case=case.label, shape=case.shape, mode=case.mode,
-                  dtype=str(case.dtype).replace("torch.", ""), impl=impl.name, kind=impl.kind,
-                  flops=case.flops or None, nbytes=case.nbytes or None)
-        rows.append(row)
-        if impl.fn is None:
-            row.status, row.note = "unavailable", impl.why_not or ""
-            continue
-        try:
-            out = impl.fn()  # also the warm-up that compiles Triton kernels
-            _sync(ctx)
-        except unavailable as exc:  # type: ignore[misc]
-            row.status, row.note = "unavailable", str(exc)
-            continue
-        except Exception as exc:  # an implementation that crashes is reported, not fatal to the run
-            row.status, row.note = "error", f"{type(exc).__name__}: {exc}"[:400]
-            continue
-        if ref_out is None and impl.kind == "torch":
-            ref_out, ref_name, row.rel_err = out, impl.name, 0.0
-        elif ref_out is not None:
-            row.rel_err = rel_err(out, ref_out)
-            if row.rel_err > REL_TOL[case.dtype]:
-                row.status = "mismatch"
-                row.note = f"rel err {row.rel_err:.2e} > {REL_TOL[case.dtype]:.0e} against {ref_name}"
-        del out
-        try:
-            row.ms, row.ms_min = time_call(impl.fn, ctx)
-        except Exception as exc:
-            row.status, row.note = "error", f"while timing: {type(exc).__name__}: {exc}"[:400]
-            continue
-        fill_throughput(row, ceilings)
-    fill_speedups(rows)
-    del ref_out
-    if ctx.is_cuda:
-        torch.cuda.empty_cache()
-    return rows
-
-
 def _fastest(rows: list[Row], op: str, shape: str, mode: str, kinds: tuple[str, ...] = ("r1kernels",),
              impl: Optional[str] = None) -> Optional[Row]:
     ok = [r for r in rows if r.op == op and r.shape == shape and r.mode == mode and r.kind in kinds
@@ -601,7 +555,7 @@ def summary_lines(ctx: Context, rows: list[Row]) -> list[str]:
 def run(ctx: Context, ceilings: dict[str, Any], log: Callable[[str], None] = print) -> list[Row]:
     rows: list[Row] = []
     for case in cases(ctx):
-        case_rows = run_case(ctx, case, ceilings)
+        case_rows = run_case(ctx, case, ceilings, timer=time_call)
         for r in case_rows:
             log(format_row_line(r))
         rows.extend(case_rows)

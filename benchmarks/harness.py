@@ -362,11 +362,17 @@ def _unavailable_types() -> tuple[type, ...]:
         return ()
 
 
-def run_case(ctx: Context, case: Case, ceilings: dict[str, Any]) -> list[Row]:
-    """Check and time every implementation of ``case``; returns one row per implementation."""
+def run_case(ctx: Context, case: Case, ceilings: dict[str, Any],
+             timer: Optional[Callable[[Callable[[], Any], Context], tuple[float, Optional[float]]]] = None) -> list[Row]:
+    """Check and time every implementation of ``case``; returns one row per implementation.
+
+    ``timer(fn, ctx) -> (ms, ms_min)`` replaces :func:`time_stats` (a family whose calls take seconds times
+    them once instead of through ``do_bench``'s repetitions)."""
+    timer = timer or time_stats
     unavailable = _unavailable_types()
     rows: list[Row] = []
     ref_out: Any = None
+    ref_name = ""
     for impl in case.impls:
         row = Row(
             family=case.family, op=case.op, case=case.label, shape=case.shape, mode=case.mode,
@@ -389,21 +395,21 @@ def run_case(ctx: Context, case: Case, ceilings: dict[str, Any]) -> list[Row]:
             row.status, row.note = "error", f"{type(exc).__name__}: {exc}"[:400]
             continue
         if ref_out is None and impl.kind == "torch":
-            ref_out = out
-            row.rel_err = 0.0
+            ref_out, ref_name, row.rel_err = out, impl.name, 0.0
         elif ref_out is not None:
             row.rel_err = rel_err(out, ref_out)
             if row.rel_err > REL_TOL[case.dtype]:
                 row.status = "mismatch"
-                row.note = f"rel err {row.rel_err:.2e} > {REL_TOL[case.dtype]:.0e} against {case.impls[0].name}"
+                row.note = f"rel err {row.rel_err:.2e} > {REL_TOL[case.dtype]:.0e} against {ref_name}"
         del out
         try:
-            row.ms, row.ms_min = time_stats(impl.fn, ctx)
+            row.ms, row.ms_min = timer(impl.fn, ctx)
         except Exception as exc:
             row.status, row.note = "error", f"while timing: {type(exc).__name__}: {exc}"[:400]
             continue
         fill_throughput(row, ceilings)
     fill_speedups(rows)
+    del ref_out
     if ctx.is_cuda:
         torch.cuda.empty_cache()
     return rows
